@@ -1,0 +1,3 @@
+from .caches import CacheConfig, NoCache, TaylorSeer, TeaCache
+
+__all__ = ["CacheConfig", "NoCache", "TaylorSeer", "TeaCache"]

@@ -1,0 +1,213 @@
+"""``omnigen2`` command line: ``omnigen2 generate PROMPT [-i IMAGE ...] [options]``.
+
+One command covers text-to-image (no ``-i``), instruction editing (one ``-i``) and in-context generation
+(several ``-i``), as in the original ``inference.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = "builtin:shapes"
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="text-to-image, editing or in-context generation",
+        description="Generate images. Without -i: text-to-image; with one -i: editing; "
+        "with several: in-context generation.",
+    )
+    p.add_argument("prompt", help="the instruction")
+    p.add_argument(
+        "-i",
+        "--input-image",
+        dest="images",
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="input (reference) image; repeat for several (at most 5)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        default="omnigen2.png",
+        help="output PNG; with several images: OUT_0.png, OUT_1.png, ... and a grid OUT_grid.png",
+    )
+    p.add_argument("--model", default=None, help=f"pipeline directory or hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--text-guidance", type=float, default=None, help="text guidance scale")
+    p.add_argument("--image-guidance", type=float, default=None, help="image guidance scale")
+    p.add_argument(
+        "--cfg-range",
+        type=float,
+        nargs=2,
+        default=(0.0, 1.0),
+        metavar=("A", "B"),
+        help="apply guidance for steps whose fraction i/N lies in [A, B]",
+    )
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--num-images", type=int, default=1, help="images to generate")
+    p.add_argument("--scheduler", choices=["euler", "dpmsolver++"], default=None)
+    p.add_argument(
+        "--teacache",
+        type=float,
+        nargs="?",
+        const=0.05,
+        default=None,
+        metavar="T",
+        help="enable TeaCache with threshold T (default 0.05)",
+    )
+    p.add_argument("--taylorseer", action="store_true", help="enable TaylorSeer")
+    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
+    p.add_argument("--device", default=None, help="cpu | cuda | mps (default: cuda if available)")
+    p.add_argument("--max-pixels", type=int, default=1024 * 1024, help="pixel budget of input and output images")
+    p.add_argument("--max-input-side", type=int, default=1024, help="longest side of an input image")
+    p.add_argument("--max-sequence-length", type=int, default=1024, help="prompt tokens kept (longer: truncated)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) weights")
+    p.set_defaults(func=cmd_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omnigen2", description="OmniGen2: unified image generation")
+    parser.add_argument("--version", action="version", version=f"omnigen2 {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _grid(images):
+    from PIL import Image
+
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for k, im in enumerate(images):
+        grid.paste(im, ((k % cols) * w, (k // cols) * h))
+    return grid
+
+
+def _save_png(image, path: Path, params: dict) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(params, sort_keys=True))
+    info.add_text("Software", f"omnigen2 {_version()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    image.save(tmp, format="PNG", pnginfo=info)
+    tmp.replace(path)
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .images import load_image
+    from .loading import parse_device, parse_dtype
+    from .pipelines import OmniGen2Pipeline
+
+    dtype = parse_dtype(args.dtype)
+    device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if len(args.images) > 5:
+        raise ValueError(f"{len(args.images)} input images given; OmniGen2 takes at most 5")
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.teacache is not None and args.taylorseer:
+        raise ValueError("--teacache and --taylorseer are alternatives; pick one")
+    images = [load_image(p) for p in args.images]  # fail on bad files before loading the model
+    model = args.model or DEFAULT_MODEL
+
+    t0 = time.perf_counter()
+    pipe = OmniGen2Pipeline.from_pretrained(model, torch_dtype=dtype, device=device, allow_pickle=args.allow_pickle)
+    load_s = time.perf_counter() - t0
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    t0 = time.perf_counter()
+    out = pipe(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        input_images=images or None,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        text_guidance_scale=args.text_guidance,
+        image_guidance_scale=args.image_guidance,
+        cfg_range=tuple(args.cfg_range),
+        num_images_per_prompt=args.num_images,
+        generator=generator,
+        scheduler=args.scheduler,
+        teacache=args.teacache,
+        taylorseer=args.taylorseer or None,
+        max_pixels=args.max_pixels,
+        max_input_image_side_length=args.max_input_side,
+        max_sequence_length=args.max_sequence_length,
+    )
+    gen_s = time.perf_counter() - t0
+    params = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "input_images": args.images,
+        "model": str(model),
+        "seed": args.seed,
+        "steps": args.steps,
+        "height": args.height,
+        "width": args.width,
+        "text_guidance": args.text_guidance,
+        "image_guidance": args.image_guidance,
+        "cfg_range": list(args.cfg_range),
+        "scheduler": args.scheduler or type(pipe.scheduler).__name__,
+        "teacache": args.teacache,
+        "taylorseer": args.taylorseer,
+        "dtype": args.dtype,
+        "device": str(device),
+        "defaults_from_checkpoint": pipe.sampling_defaults,
+    }
+    out_path = Path(args.output)
+    if out_path.suffix.lower() != ".png":
+        out_path = out_path.with_suffix(".png")
+    written = []
+    if len(out.images) == 1:
+        _save_png(out.images[0], out_path, params)
+        written.append(out_path)
+    else:
+        for k, im in enumerate(out.images):
+            p = out_path.with_name(f"{out_path.stem}_{k}.png")
+            _save_png(im, p, {**params, "index": k})
+            written.append(p)
+        grid = out_path.with_name(f"{out_path.stem}_grid.png")
+        _save_png(_grid(out.images), grid, params)
+        written.append(grid)
+    size = "x".join(map(str, out.images[0].size))
+    print(f"loaded {model} in {load_s:.1f}s; generated {len(out.images)} image(s) of {size} in {gen_s:.1f}s")
+    for p in written:
+        print(f"wrote {p}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        print(f"omnigen2: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Loading and saving the released OmniGen2 checkpoint layout.
+
+::
+
+    model_index.json        component -> [library or module, class name]
+    transformer/            config.json + diffusion_pytorch_model[-0000i-of-0000n].safetensors [+ .index.json]
+    vae/                    diffusers AutoencoderKL
+    scheduler/              scheduler_config.json
+    mllm/                   Qwen2_5_VLForConditionalGeneration (config.json, model*.safetensors [+ index])
+    processor/              tokenizer files (+ image-processor and chat-template files)
+
+Components are resolved by **class name** through the table below. The released ``model_index.json`` names
+modules (``transformer_omnigen2``, ``scheduling_flow_match_euler_discrete``) from the original repository:
+those names are never imported, and nothing named by a checkpoint is ever executed. Pickle weights
+(``.bin``/``.pt``/``.ckpt``/``.pth``) are refused unless ``allow_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+COMPONENTS = ("transformer", "vae", "scheduler", "mllm", "processor")
+# What model_index.json is written with: the released checkpoint's own entries.
+RELEASED_MODULES = {
+    "transformer": "transformer_omnigen2",
+    "vae": "diffusers",
+    "scheduler": {
+        "FlowMatchEulerDiscreteScheduler": "scheduling_flow_match_euler_discrete",
+        "DPMSolverMultistepScheduler": "scheduling_dpmsolver_multistep",
+    },
+    "mllm": "transformers",
+    "processor": "transformers",
+}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PROCESSOR_EXTRA_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "video_preprocessor_config.json",
+)
+BUILTIN_PREFIX = "builtin:"
+
+
+class CheckpointError(ValueError):
+    """The checkpoint directory is missing something, or names something we do not load."""
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16 (or a torch.dtype)")
+
+
+def parse_device(device) -> torch.device | None:
+    if device is None or isinstance(device, torch.device):
+        return device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} requested but MPS is not available here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {device!r}; use cpu, cuda or mps")
+    return dev
+
+
+def _component_classes():
+    """Class name -> loader, per component. The only classes a checkpoint may name."""
+    from diffusers import AutoencoderKL
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from .models import OmniGen2Transformer2DModel
+    from .schedulers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    return {
+        "transformer": {"OmniGen2Transformer2DModel": OmniGen2Transformer2DModel},
+        "vae": {"AutoencoderKL": AutoencoderKL},
+        "scheduler": {
+            "FlowMatchEulerDiscreteScheduler": FlowMatchEulerDiscreteScheduler,
+            "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler,
+        },
+        "mllm": {"Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration},
+        "processor": {
+            name: "tokenizer"
+            for name in (
+                "Qwen2_5_VLProcessor",
+                "Qwen2VLProcessor",
+                "Qwen2Tokenizer",
+                "Qwen2TokenizerFast",
+                "AutoTokenizer",
+                "PreTrainedTokenizerFast",
+                "TokenizersBackend",
+            )
+        },
+    }
+
+
+def resolve_path(name_or_path, allow_pickle: bool = False) -> Path:
+    """A local directory, a ``builtin:`` model shipped in the package, or a hub id (downloaded when online)."""
+    s = os.fspath(name_or_path)
+    if s.startswith(BUILTIN_PREFIX):
+        from . import builtin_models
+
+        return builtin_models.path(s[len(BUILTIN_PREFIX) :])
+    p = Path(s).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"{s!r} is a file; give the pipeline directory that holds model_index.json")
+    if s.count("/") == 1 and not s.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        ignore = None if allow_pickle else [f"*{suf}" for suf in PICKLE_SUFFIXES]
+        try:
+            return Path(snapshot_download(repo_id=s, ignore_patterns=ignore))
+        except Exception as e:  # offline, unknown repo, gated repo, ...
+            raise CheckpointError(
+                f"could not fetch hub model {s!r} ({type(e).__name__}: {e}); for offline use give a local directory"
+            ) from e
+    raise CheckpointError(f"{s!r} is neither a local directory nor a hub id of the form 'org/name'")
+
+
+def _weights_present(folder: Path, component: str, allow_pickle: bool) -> None:
+    files = [f.name for f in folder.iterdir() if f.is_file()]
+    safet = [f for f in files if f.endswith(".safetensors")]
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    for index_name in (f for f in files if f.endswith(".safetensors.index.json")):
+        index = json.loads((folder / index_name).read_text())
+        missing = sorted({v for v in index.get("weight_map", {}).values()} - set(files))
+        if missing:
+            raise CheckpointError(f"{folder}/{index_name} lists shards that are missing: {', '.join(missing)}")
+    if safet:
+        return
+    if pickles and not allow_pickle:
+        raise CheckpointError(
+            f"{folder} holds only pickle weights ({', '.join(sorted(pickles))}); pickle files can execute code "
+            "when loaded. Convert them to safetensors, or pass allow_pickle=True if you trust the source."
+        )
+    if not pickles:
+        raise CheckpointError(f"{component} weights missing: no .safetensors file in {folder}")
+
+
+def inspect_layout(root: Path, allow_pickle: bool = False) -> dict:
+    """Check the layout before loading anything; return the parsed model_index.json."""
+    index_file = root / "model_index.json"
+    if not index_file.is_file():
+        raise CheckpointError(f"{root} has no model_index.json: not an OmniGen2 pipeline directory")
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{index_file} is not valid JSON: {e}") from e
+    classes = _component_classes()
+    missing = [c for c in COMPONENTS if c not in index]
+    if missing:
+        raise CheckpointError(f"{index_file} lacks the components: {', '.join(missing)}")
+    for comp in COMPONENTS:
+        entry = index[comp]
+        if not (isinstance(entry, list) and len(entry) == 2):
+            raise CheckpointError(f"{index_file}: entry {comp!r} must be [module, ClassName], got {entry!r}")
+        cls_name = entry[1]
+        if cls_name not in classes[comp]:
+            raise CheckpointError(
+                f"{index_file}: {comp} class {cls_name!r} is not one this loader knows "
+                f"({', '.join(classes[comp])}); nothing from the checkpoint is imported, so it cannot be loaded"
+            )
+        folder = root / comp
+        if not folder.is_dir():
+            raise CheckpointError(f"{root} lacks the folder {comp}/ named in model_index.json")
+        if comp == "scheduler":
+            if not (folder / "scheduler_config.json").is_file():
+                raise CheckpointError(f"{folder} lacks scheduler_config.json")
+        elif comp == "processor":
+            if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+                raise CheckpointError(f"{folder} lacks tokenizer.json (or vocab.json + merges.txt)")
+        else:
+            if not (folder / "config.json").is_file():
+                raise CheckpointError(f"{folder} lacks config.json")
+            _weights_present(folder, comp, allow_pickle)
+    return index
+
+
+def load_pipeline(cls, name_or_path, torch_dtype=None, device=None, allow_pickle: bool = False, **overrides):
+    """Build an ``OmniGen2Pipeline`` from the released layout. ``overrides`` replace components by name."""
+    from transformers import AutoTokenizer
+
+    dtype = parse_dtype(torch_dtype) or torch.float32
+    dev = parse_device(device)
+    unknown = set(overrides) - set(COMPONENTS)
+    if unknown:
+        raise TypeError(f"unexpected arguments: {', '.join(sorted(unknown))}")
+    root = resolve_path(name_or_path, allow_pickle)
+    index = inspect_layout(root, allow_pickle)
+    classes = _component_classes()
+    safe = None if allow_pickle else True
+    parts = {}
+    for comp in COMPONENTS:
+        if comp in overrides:
+            parts[comp] = overrides[comp]
+            continue
+        cls_name = index[comp][1]
+        target = classes[comp][cls_name]
+        folder = root / comp
+        if comp == "transformer":
+            parts[comp] = target.from_pretrained(folder, torch_dtype=dtype, use_safetensors=safe)
+        elif comp == "vae":
+            parts[comp] = target.from_pretrained(folder, torch_dtype=dtype, use_safetensors=safe)
+        elif comp == "scheduler":
+            parts[comp] = target.from_pretrained(folder)
+        elif comp == "mllm":
+            parts[comp] = target.from_pretrained(folder, dtype=dtype, use_safetensors=safe)
+        else:
+            parts[comp] = AutoTokenizer.from_pretrained(folder)
+    for comp in ("transformer", "vae", "mllm"):
+        parts[comp].eval()
+    pipe = cls(**parts)
+    pipe._processor_files = {
+        f: (root / "processor" / f).read_bytes() for f in PROCESSOR_EXTRA_FILES if (root / "processor" / f).is_file()
+    }
+    pipe._model_index_extra = {k: v for k, v in index.items() if k not in COMPONENTS and not k.startswith("_")}
+    pipe.sampling_defaults = dict(index.get("omnigen2_sampling", {}))
+    if dev is not None:
+        pipe.to(dev)
+    return pipe
+
+
+def _atomic_dir(target: Path):
+    tmp = target.with_name(target.name + ".tmp-save")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_pipeline(pipe, save_directory, max_shard_size: str = "5GB") -> None:
+    """Write the released layout; the directory is replaced only once everything is written."""
+    target = Path(save_directory)
+    tmp = _atomic_dir(target)
+    sched_name = type(pipe.scheduler).__name__
+    index = {
+        "_class_name": "OmniGen2Pipeline",
+        "_diffusers_version": __import__("diffusers").__version__,
+        "mllm": [RELEASED_MODULES["mllm"], "Qwen2_5_VLForConditionalGeneration"],
+        "processor": [RELEASED_MODULES["processor"], "Qwen2_5_VLProcessor"],
+        "scheduler": [RELEASED_MODULES["scheduler"].get(sched_name, "diffusers"), sched_name],
+        "transformer": [RELEASED_MODULES["transformer"], "OmniGen2Transformer2DModel"],
+        "vae": [RELEASED_MODULES["vae"], "AutoencoderKL"],
+        **pipe._model_index_extra,
+    }
+    if pipe.sampling_defaults:
+        index["omnigen2_sampling"] = pipe.sampling_defaults
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    pipe.transformer.save_pretrained(tmp / "transformer", safe_serialization=True, max_shard_size=max_shard_size)
+    pipe.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+    pipe.scheduler.save_pretrained(tmp / "scheduler")
+    pipe.mllm.save_pretrained(tmp / "mllm", max_shard_size=max_shard_size)
+    pipe.processor.save_pretrained(tmp / "processor")
+    for name, data in pipe._processor_files.items():
+        if not (tmp / "processor" / name).exists():
+            (tmp / "processor" / name).write_bytes(data)
+    if target.exists():
+        old = target.with_name(target.name + ".old-save")
+        if old.exists():
+            shutil.rmtree(old)
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(target)

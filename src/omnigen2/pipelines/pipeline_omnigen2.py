@@ -1,0 +1,436 @@
+"""OmniGen2 generation: text-to-image, instruction editing and in-context generation in one call.
+
+The sampler follows the original ``OmniGen2Pipeline`` step for step (chat-template text encoding with the
+MLLM's last-layer hidden states, VAE latents of the reference images, dual classifier-free guidance over a
+step range, the size rules and the final resize), so the released weights give the original's images.
+Differences are listed in docs/DEVIATIONS.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..acceleration import CacheConfig
+from ..images import check_image
+from ..models.transformer_omnigen2 import MAX_REF_IMAGES, OmniGen2Transformer2DModel, SequenceLayout
+from ..schedulers import make_scheduler
+from .image_processor import OmniGen2ImageProcessor
+
+logger = logging.getLogger(__name__)
+
+SYSTEM_PROMPT = "You are a helpful assistant that generates high-quality images based on user instructions."
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class OmniGen2PipelineOutput(BaseOutput):
+    """``images``: list of PIL images, an (N, H, W, 3) array, an (N, 3, H, W) float tensor in [0, 1], or latents.
+    ``computed_steps``: for each guidance branch, the steps at which the joint blocks ran (caches skip some)."""
+
+    images: Any
+    computed_steps: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class Branch:
+    """One guidance branch (conditional, reference-only, unconditional) with its step-invariant state."""
+
+    name: str
+    text: torch.Tensor  # (B, L, text_feat_dim)
+    mask: torch.Tensor  # (B, L)
+    refs: list[list[torch.Tensor] | None]
+    layout: SequenceLayout
+    cache: Any
+    context: torch.Tensor | None = None  # refined text tokens: the context refiner has no timestep input
+
+
+class OmniGen2Pipeline(DiffusionPipeline):
+    """Components: ``transformer`` (OmniGen2Transformer2DModel), ``vae`` (diffusers AutoencoderKL), ``scheduler``
+    (flow Euler or DPM-Solver++), ``mllm`` (Qwen2_5_VLForConditionalGeneration) and ``processor`` (the Qwen
+    processor, or just its tokenizer: generation needs only the tokenizer)."""
+
+    model_cpu_offload_seq = "mllm->transformer->vae"
+
+    def __init__(self, transformer: OmniGen2Transformer2DModel, vae, scheduler, mllm, processor):
+        super().__init__()
+        self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler, mllm=mllm, processor=processor)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        # Image sides must be multiples of one latent patch: 16 pixels for the released model.
+        self.size_multiple = self.vae_scale_factor * self.transformer.config.patch_size
+        self.image_processor = OmniGen2ImageProcessor(vae_scale_factor=self.size_multiple)
+        self.default_sample_size = 128
+        self.cache_config = CacheConfig()
+        self.sampling_defaults: dict[str, Any] = {}
+        self._processor_files: dict[str, bytes] = {}  # processor/ files the tokenizer does not write itself
+        self._model_index_extra: dict[str, Any] = {}
+
+    # -- loading / saving (see omnigen2.loading) -------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, torch_dtype=None, device=None, allow_pickle=False, **kwargs
+    ) -> OmniGen2Pipeline:
+        """Load the released layout from a directory or hub id (or ``"builtin:NAME"``); see ``omnigen2.loading``."""
+        from ..loading import load_pipeline
+
+        return load_pipeline(
+            cls,
+            pretrained_model_name_or_path,
+            torch_dtype=torch_dtype,
+            device=device,
+            allow_pickle=allow_pickle,
+            **kwargs,
+        )
+
+    def save_pretrained(self, save_directory, max_shard_size: str = "5GB", **_) -> None:
+        """Write the released layout (model_index.json + one folder per component, safetensors)."""
+        from ..loading import save_pipeline
+
+        save_pipeline(self, save_directory, max_shard_size=max_shard_size)
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    # -- caches ---------------------------------------------------------------------------------------------
+
+    def enable_teacache(self, rel_l1_thresh: float = 0.05) -> None:
+        self.cache_config = CacheConfig(teacache=rel_l1_thresh)
+
+    def enable_taylorseer(self) -> None:
+        self.cache_config = CacheConfig(taylorseer=True)
+
+    def disable_caches(self) -> None:
+        self.cache_config = CacheConfig()
+
+    # -- text -----------------------------------------------------------------------------------------------
+
+    def apply_chat_template(self, prompt: str) -> str:
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+    @torch.no_grad()
+    def encode_text(
+        self, prompts: list[str], max_sequence_length: int | None, device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chat-templated prompts -> the MLLM's last hidden states (B, L, D) and the right-padded mask (B, L)."""
+        texts = [self.apply_chat_template(p) for p in prompts]
+        tok = self.tokenizer
+        inputs = tok(
+            texts,
+            padding="longest",
+            max_length=max_sequence_length,
+            truncation=max_sequence_length is not None,
+            return_tensors="pt",
+        )
+        if max_sequence_length is not None:
+            full = tok(texts, padding="longest", return_tensors="pt").input_ids
+            if full.shape[-1] > inputs.input_ids.shape[-1]:
+                cut = tok.batch_decode(full[:, max_sequence_length:], skip_special_tokens=False)
+                warnings.warn(
+                    f"prompt truncated to max_sequence_length={max_sequence_length} tokens (chat template "
+                    f"included); dropped: {cut}",
+                    stacklevel=3,
+                )
+        ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
+        # The decoder stack only: the LM head is not needed for conditioning.
+        hidden = self.mllm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        return hidden.to(dtype=self.mllm.dtype), mask
+
+    # -- images ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(
+        self,
+        images: list[PIL.Image.Image],
+        max_pixels: int,
+        max_side_length: int | None,
+        generator: torch.Generator | None = None,
+        sample: bool = False,
+    ) -> list[torch.Tensor]:
+        """Reference images -> scaled VAE latents [(C, h, w)]. The posterior mean by default (the original samples
+        without a generator, which makes its runs unrepeatable); ``sample=True`` samples with ``generator``."""
+        latents = []
+        for img in images:
+            pixels = self.image_processor.preprocess_reference(img, max_pixels, max_side_length)
+            dist = self.vae.encode(pixels.to(device=self.vae.device, dtype=self.vae.dtype)).latent_dist
+            z = dist.sample(generator) if sample else dist.mode()
+            latents.append(self._scale_latents(z).squeeze(0))
+        return latents
+
+    def _scale_latents(self, z):
+        cfg = self.vae.config
+        if cfg.shift_factor is not None:
+            z = z - cfg.shift_factor
+        if cfg.scaling_factor is not None:
+            z = z * cfg.scaling_factor
+        return z.to(self.vae.dtype)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1], (N, 3, H, W)."""
+        cfg = self.vae.config
+        latents = latents.to(self.vae.dtype)
+        if cfg.scaling_factor is not None:
+            latents = latents / cfg.scaling_factor
+        if cfg.shift_factor is not None:
+            latents = latents + cfg.shift_factor
+        return self.vae.decode(latents, return_dict=False)[0]
+
+    def _normalize_images(self, input_images, batch: int) -> list[list[PIL.Image.Image]]:
+        """Accept None, a list of images (one prompt) or a list of lists (one per prompt)."""
+        if input_images is None:
+            return [[] for _ in range(batch)]
+        if isinstance(input_images, PIL.Image.Image):
+            input_images = [input_images]
+        if not isinstance(input_images, (list, tuple)):
+            raise TypeError(f"input_images must be a list of PIL images, got {type(input_images).__name__}")
+        nested = len(input_images) > 0 and all(isinstance(x, (list, tuple)) or x is None for x in input_images)
+        per_prompt = [list(x or []) for x in input_images] if nested else [list(input_images)]
+        if len(per_prompt) == 1 and batch > 1:
+            per_prompt = per_prompt * batch
+        if len(per_prompt) != batch:
+            raise ValueError(f"input_images has {len(per_prompt)} entries for {batch} prompts")
+        for i, imgs in enumerate(per_prompt):
+            if len(imgs) > MAX_REF_IMAGES:
+                raise ValueError(f"prompt {i} has {len(imgs)} input images; OmniGen2 takes at most {MAX_REF_IMAGES}")
+            per_prompt[i] = [check_image(im, name=f"input image {j} of prompt {i}") for j, im in enumerate(imgs)]
+        return per_prompt
+
+    # -- sizes ----------------------------------------------------------------------------------------------
+
+    def _output_size(self, height, width, refs, align_res: bool, max_pixels: int):
+        """(generation size, final size). One input image per prompt with ``align_res`` sets the size; else the
+        requested size is scaled under ``max_pixels`` and floored to a multiple of the latent patch."""
+        if align_res and refs and all(len(r) == 1 for r in refs):
+            h, w = (s * self.vae_scale_factor for s in refs[0][0].shape[-2:])
+            return (h, w), (h, w)
+        default = self.default_sample_size * self.vae_scale_factor
+        height, width = int(height or default), int(width or default)
+        if height < 1 or width < 1:
+            raise ValueError(f"height and width must be positive, got {height}x{width}")
+        ratio = min((max_pixels / (height * width)) ** 0.5, 1.0)
+        m = self.size_multiple
+        gen = (int(height * ratio) // m * m, int(width * ratio) // m * m)
+        if min(gen) < m:
+            raise ValueError(f"requested size {width}x{height} is below one latent patch ({m} pixels) per side")
+        if gen != (height, width):
+            warnings.warn(
+                f"generating at {gen[1]}x{gen[0]} (sides multiples of {m}, at most max_pixels={max_pixels}) and "
+                f"resizing the result to the requested {width}x{height}",
+                stacklevel=3,
+            )
+        return gen, (height, width)
+
+    # -- one denoiser evaluation ----------------------------------------------------------------------------
+
+    def _predict(self, branch: Branch, latents: torch.Tensor, t: torch.Tensor, step: int, num_steps: int):
+        model = self.transformer
+        timestep = t.expand(latents.shape[0]).to(latents.dtype)  # (B,)
+        temb, text_tokens = model.embed(timestep, branch.text, latents.dtype)
+
+        def prepare():
+            if branch.context is None:
+                branch.context = model.refine_context(text_tokens, branch.layout)
+            img, refs = model.refine_images(list(latents), branch.refs, temb, branch.layout)
+            return model.assemble(branch.context, img, refs, branch.layout)
+
+        hidden = branch.cache.run(model, prepare, temb, branch.layout, step, num_steps)
+        return torch.stack(model.head(hidden, temb, branch.layout), dim=0)  # (B, C, h, w)
+
+    def _branch(self, name, text, mask, refs, latents, cache_config: CacheConfig) -> Branch:
+        model = self.transformer
+        cap_lens = mask.sum(dim=1).tolist()  # once per generation, before the loop
+        ref_sizes = [[tuple(r.shape[-2:]) for r in (s or [])] for s in refs]
+        layout = model.build_layout(mask, ref_sizes, [tuple(latents.shape[-2:])] * latents.shape[0], cap_lens=cap_lens)
+        return Branch(name, text, mask.bool(), refs, layout, cache_config.make())
+
+    # -- the call -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        input_images=None,
+        height: int | None = None,
+        width: int | None = None,
+        align_res: bool = True,
+        max_pixels: int = 1024 * 1024,
+        max_input_image_side_length: int = 1024,
+        num_inference_steps: int | None = None,
+        text_guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
+        cfg_range: tuple[float, float] = (0.0, 1.0),
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        max_sequence_length: int | None = 1024,
+        timesteps: list[float] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        step_func: Callable[[int, int], None] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        scheduler: str | None = None,
+        teacache: float | None = None,
+        taylorseer: bool | None = None,
+        sample_reference_latents: bool = False,
+        attention_kwargs: dict | None = None,
+    ):
+        """Generate images. Keyword arguments follow the original pipeline; in addition ``scheduler``
+        ("euler" / "dpmsolver++") picks the sampler for this call, ``teacache`` (a threshold) or
+        ``taylorseer=True`` switch a step cache on for this call, ``sample_reference_latents`` samples the VAE
+        posterior of the input images with ``generator`` instead of taking its mean, and
+        ``callback_on_step_end(pipe, step, t, {"latents": ...})`` may return replacement latents."""
+        d = self.sampling_defaults
+        num_inference_steps = num_inference_steps or d.get("num_inference_steps", 28)
+        text_guidance_scale = (
+            text_guidance_scale if text_guidance_scale is not None else d.get("text_guidance_scale", 4.0)
+        )
+        image_guidance_scale = (
+            image_guidance_scale if image_guidance_scale is not None else d.get("image_guidance_scale", 1.0)
+        )
+        height = height or d.get("height")
+        width = width or d.get("width")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if not (0.0 <= cfg_range[0] <= cfg_range[1] <= 1.0):
+            raise ValueError(f"cfg_range must satisfy 0 <= start <= end <= 1, got {tuple(cfg_range)}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        cache_config = self.cache_config
+        if teacache is not None or taylorseer is not None:
+            cache_config = CacheConfig(teacache=teacache, taylorseer=bool(taylorseer))
+
+        # 1. Text: conditional and (with text guidance) negative hidden states
+        device = self._execution_device
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("give a prompt (or prompt_embeds)")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds, prompt_attention_mask = self.encode_text(prompts, max_sequence_length, device)
+        batch = prompt_embeds.shape[0]
+        use_text_cfg = text_guidance_scale > 1.0
+        if use_text_cfg and negative_prompt_embeds is None:
+            negs = negative_prompt if negative_prompt is not None else ""
+            negs = [negs] * batch if isinstance(negs, str) else list(negs)
+            if len(negs) != batch:
+                raise ValueError(f"negative_prompt has {len(negs)} entries for {batch} prompts")
+            negative_prompt_embeds, negative_prompt_attention_mask = self.encode_text(negs, max_sequence_length, device)
+        n = num_images_per_prompt
+        prompt_embeds, prompt_attention_mask = _repeat(prompt_embeds, n), _repeat(prompt_attention_mask, n)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = _repeat(negative_prompt_embeds, n)
+            negative_prompt_attention_mask = _repeat(negative_prompt_attention_mask, n)
+
+        # 2. Reference images -> VAE latents (never through the MLLM)
+        images = self._normalize_images(input_images, batch)
+        ref_gen = generator[0] if isinstance(generator, list) else generator
+        refs_per_prompt = [
+            self.encode_images(imgs, max_pixels, max_input_image_side_length, ref_gen, sample_reference_latents)
+            if imgs
+            else None
+            for imgs in images
+        ]
+        refs = [r for r in refs_per_prompt for _ in range(n)]  # (B * n) entries
+        if not any(refs):
+            image_guidance_scale = 1.0  # nothing to guide with
+
+        # 3. Size and initial noise
+        (gen_h, gen_w), (out_h, out_w) = self._output_size(
+            height, width, [r for r in refs_per_prompt if r], align_res, max_pixels
+        )
+        shape = (
+            batch * n,
+            self.transformer.config.in_channels,
+            gen_h // self.vae_scale_factor,
+            gen_w // self.vae_scale_factor,
+        )
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
+        else:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for this call")
+            latents = latents.to(device=device, dtype=prompt_embeds.dtype)
+
+        # 4. Sampler and guidance branches (layouts, masks and RoPE built once)
+        sched = (
+            make_scheduler(scheduler, self.scheduler.config.get("dynamic_time_shift", True))
+            if scheduler
+            else self.scheduler
+        )
+        sched.set_timesteps(
+            num_inference_steps, device=device, timesteps=timesteps, num_tokens=latents.shape[-2] * latents.shape[-1]
+        )
+        steps = sched.timesteps
+        cond = self._branch("cond", prompt_embeds, prompt_attention_mask, refs, latents, cache_config)
+        ref_branch = uncond = None
+        no_refs = [None] * latents.shape[0]
+        if use_text_cfg:
+            uncond = self._branch(
+                "uncond", negative_prompt_embeds, negative_prompt_attention_mask, no_refs, latents, cache_config
+            )
+            if image_guidance_scale > 1.0:
+                ref_branch = self._branch(
+                    "ref", negative_prompt_embeds, negative_prompt_attention_mask, refs, latents, cache_config
+                )
+
+        # 5. Denoising loop (no host syncs: guidance choices depend only on the step index)
+        vae_dtype = self.vae.dtype
+        with self.progress_bar(total=len(steps)) as progress:
+            for i, t in enumerate(steps):
+                in_range = cfg_range[0] <= i / len(steps) <= cfg_range[1]
+                tgs = text_guidance_scale if in_range else 1.0
+                igs = image_guidance_scale if in_range else 1.0
+                pred = self._predict(cond, latents, t, i, len(steps))
+                if tgs > 1.0 and igs > 1.0:
+                    pred_ref = self._predict(ref_branch, latents, t, i, len(steps))
+                    pred_uncond = self._predict(uncond, latents, t, i, len(steps))
+                    # The original's order of operations, kept for bitwise-close parity.
+                    pred = pred_uncond + igs * (pred_ref - pred_uncond) + tgs * (pred - pred_ref)
+                elif tgs > 1.0:
+                    pred_uncond = self._predict(uncond, latents, t, i, len(steps))
+                    pred = pred_uncond + tgs * (pred - pred_uncond)
+                latents = sched.step(pred, t, latents, return_dict=False)[0].to(vae_dtype)
+                if callback_on_step_end is not None:
+                    out = callback_on_step_end(self, i, t, {"latents": latents}) or {}
+                    latents = out.get("latents", latents)
+                if step_func is not None:
+                    step_func(i, len(steps))
+                progress.update()
+
+        computed = {b.name: list(getattr(b.cache, "computed_steps", [])) for b in (cond, ref_branch, uncond) if b}
+        # 6. Decode, resize to the requested size, convert
+        if output_type == "latent":
+            result = latents
+        else:
+            image = self.decode_latents(latents)
+            if (out_h, out_w) != tuple(image.shape[-2:]):
+                image = F.interpolate(image, size=(out_h, out_w), mode="bilinear")
+            result = self.image_processor.postprocess(image, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (result,)
+        return OmniGen2PipelineOutput(images=result, computed_steps=computed)
+
+
+def _repeat(x: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """(B, ...) -> (B * n, ...), each row repeated n times in place (prompt 0 x n, prompt 1 x n, ...)."""
+    return x if x is None or n == 1 else x.repeat_interleave(n, dim=0)
+
+
+__all__ = ["OmniGen2Pipeline", "OmniGen2PipelineOutput", "SYSTEM_PROMPT"]
