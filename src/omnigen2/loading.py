@@ -161,8 +161,9 @@ def _weights_present(folder: Path, component: str, allow_pickle: bool) -> None:
         raise CheckpointError(f"{component} weights missing: no .safetensors file in {folder}")
 
 
-def inspect_layout(root: Path, allow_pickle: bool = False) -> dict:
-    """Check the layout before loading anything; return the parsed model_index.json."""
+def inspect_layout(root: Path, allow_pickle: bool = False, skip=()) -> dict:
+    """Check the layout before loading anything; return the parsed model_index.json. Components in ``skip``
+    (those the caller passes in already built) need not be in the directory."""
     index_file = root / "model_index.json"
     if not index_file.is_file():
         raise CheckpointError(f"{root} has no model_index.json: not an OmniGen2 pipeline directory")
@@ -171,10 +172,11 @@ def inspect_layout(root: Path, allow_pickle: bool = False) -> dict:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{index_file} is not valid JSON: {e}") from e
     classes = _component_classes()
-    missing = [c for c in COMPONENTS if c not in index]
+    needed = [c for c in COMPONENTS if c not in skip]
+    missing = [c for c in needed if c not in index]
     if missing:
         raise CheckpointError(f"{index_file} lacks the components: {', '.join(missing)}")
-    for comp in COMPONENTS:
+    for comp in needed:
         entry = index[comp]
         if not (isinstance(entry, list) and len(entry) == 2):
             raise CheckpointError(f"{index_file}: entry {comp!r} must be [module, ClassName], got {entry!r}")
@@ -210,7 +212,7 @@ def load_pipeline(cls, name_or_path, torch_dtype=None, device=None, allow_pickle
     if unknown:
         raise TypeError(f"unexpected arguments: {', '.join(sorted(unknown))}")
     root = resolve_path(name_or_path, allow_pickle)
-    index = inspect_layout(root, allow_pickle)
+    index = inspect_layout(root, allow_pickle, skip=overrides)
     classes = _component_classes()
     safe = None if allow_pickle else True
     parts = {}

@@ -27,7 +27,11 @@ TEACACHE_COEFFICIENTS = (-5.48259225, 11.48772289, -4.47407401, 2.47730926, -0.0
 
 
 class NoCache:
+    def __init__(self):
+        self.computed_steps: list[int] = []
+
     def run(self, model, prepare: Callable, temb, layout, step: int, num_steps: int) -> torch.Tensor:
+        self.computed_steps.append(step)
         return model.run_layers(prepare(), temb, layout)
 
 

@@ -245,6 +245,7 @@ class SequenceLayout:
     img_rope: tuple[torch.Tensor, torch.Tensor]
     ref_rope: tuple[torch.Tensor, torch.Tensor] | None
     joint_rope: tuple[torch.Tensor, torch.Tensor]
+    pos_ids: torch.Tensor  # (B, max seq_len, 3) Omni-RoPE positions (sequence/image id, row, col)
 
     @property
     def num_refs(self) -> int:
@@ -324,6 +325,7 @@ def build_layout(
         img_rope=img_rope,
         ref_rope=ref_rope,
         joint_rope=(cos, sin),
+        pos_ids=pos,
     )
 
 

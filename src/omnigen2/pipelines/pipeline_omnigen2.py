@@ -127,9 +127,12 @@ class OmniGen2Pipeline(DiffusionPipeline):
         """Chat-templated prompts -> the MLLM's last hidden states (B, L, D) and the right-padded mask (B, L)."""
         texts = [self.apply_chat_template(p) for p in prompts]
         tok = self.tokenizer
+        # Right padding always: the transformer takes the first mask.sum() tokens as the text (as the original,
+        # which silently breaks with a left-padding tokenizer).
         inputs = tok(
             texts,
             padding="longest",
+            padding_side="right",
             max_length=max_sequence_length,
             truncation=max_sequence_length is not None,
             return_tensors="pt",
@@ -413,12 +416,12 @@ class OmniGen2Pipeline(DiffusionPipeline):
                     step_func(i, len(steps))
                 progress.update()
 
-        computed = {b.name: list(getattr(b.cache, "computed_steps", [])) for b in (cond, ref_branch, uncond) if b}
+        computed = {b.name: list(b.cache.computed_steps) for b in (cond, ref_branch, uncond) if b}
         # 6. Decode, resize to the requested size, convert
         if output_type == "latent":
             result = latents
         else:
-            image = self.decode_latents(latents)
+            image = self.decode_latents(latents).float()  # images leave the pipeline in float32
             if (out_h, out_w) != tuple(image.shape[-2:]):
                 image = F.interpolate(image, size=(out_h, out_w), mode="bilinear")
             result = self.image_processor.postprocess(image, output_type=output_type)
