@@ -32,7 +32,8 @@ def load_image(path: str | os.PathLike, max_image_pixels: int = MAX_IMAGE_PIXELS
                 if w * h > max_image_pixels:
                     raise ImageError(
                         f"input image {path!r} is {w}x{h} = {w * h} pixels, above the limit of {max_image_pixels}; "
-                        "downscale it first (or raise max_image_pixels if you trust the file)"
+                        "downscale it first (or raise max_image_pixels, and PIL.Image.MAX_IMAGE_PIXELS above "
+                        "Pillow's own limit, if you trust the file)"
                     )
                 probe.verify()  # structural check without decoding the pixels
             with PIL.Image.open(path) as img:

@@ -234,6 +234,8 @@ def load_pipeline(cls, name_or_path, torch_dtype=None, device=None, allow_pickle
         else:
             parts[comp] = AutoTokenizer.from_pretrained(folder)
     for comp in ("transformer", "vae", "mllm"):
+        if comp not in overrides:
+            _own_aligned_memory(parts[comp])
         parts[comp].eval()
     pipe = cls(**parts)
     pipe._processor_files = {
@@ -244,6 +246,17 @@ def load_pipeline(cls, name_or_path, torch_dtype=None, device=None, allow_pickle
     if dev is not None:
         pipe.to(dev)
     return pipe
+
+
+def _own_aligned_memory(module: torch.nn.Module) -> None:
+    """Copy misaligned CPU weights into memory of their own. Tensors loaded from safetensors are views into the
+    memory-mapped file at whatever offset its header leaves them, and CPU kernels take different vectorised
+    paths for differently aligned data: the same weights re-saved or re-sharded would give slightly different
+    images. PyTorch allocates CPU tensors 64-byte aligned, so with copies the results depend on the weights only."""
+    with torch.no_grad():
+        for t in (*module.parameters(), *module.buffers()):
+            if t.device.type == "cpu" and t.data_ptr() % 64:
+                t.data = t.data.clone()
 
 
 def _atomic_dir(target: Path):

@@ -8,6 +8,11 @@ import torch
 from omnigen2.acceleration import CacheConfig, NoCache, TaylorSeer, TeaCache
 
 
+def run(cache, model, prepare, step, num_steps):
+    cache.begin_step(step, num_steps)
+    return cache.run(model, prepare, None, None)
+
+
 class LinearModel:
     """Stands in for the transformer: the joint blocks output a * (call index) + b."""
 
@@ -25,7 +30,7 @@ def test_taylorseer_extrapolates_linear_features_exactly():
     outs = []
     for step in range(12):
         model.calls = step
-        outs.append(cache.run(model, lambda: None, None, None, step, 12))
+        outs.append(run(cache, model, lambda: None, step, 12))
     assert cache.computed_steps == [0, 1, 2, 3, 4, 7, 10]
     for step, out in enumerate(outs):
         assert torch.allclose(out, model.a * step + model.b, atol=1e-6), step
@@ -35,7 +40,7 @@ def test_taylorseer_skips_preparation_on_predicted_steps():
     model, cache = LinearModel(), TaylorSeer()
     prepared = []
     for step in range(9):
-        cache.run(model, lambda s=step: prepared.append(s), None, None, step, 9)
+        run(cache, model, lambda s=step: prepared.append(s), step, 9)
     assert prepared == [0, 1, 2, 3, 4, 7]
 
 
@@ -62,13 +67,13 @@ class ResidualModel:
 def test_teacache_threshold_zero_always_computes():
     model, cache = ResidualModel(), TeaCache(0.0)
     for step in range(5):
-        cache.run(model, lambda s=step: torch.full((1, 2, 3), float(s + 1)), None, None, step, 5)
+        run(cache, model, lambda s=step: torch.full((1, 2, 3), float(s + 1)), step, 5)
     assert model.runs == 5
 
 
 def test_teacache_reuses_residual_when_input_barely_changes():
     model, cache = ResidualModel(), TeaCache(10.0)
-    outs = [cache.run(model, lambda s=s: torch.full((1, 2, 3), 2.0 + 1e-3 * s), None, None, s, 6) for s in range(6)]
+    outs = [run(cache, model, lambda s=s: torch.full((1, 2, 3), 2.0 + 1e-3 * s), s, 6) for s in range(6)]
     assert cache.computed_steps == [0, 5]  # first and last step always computed
     assert torch.allclose(outs[2], torch.full((1, 2, 3), 3.0 + 2e-3))  # input + cached residual
 
@@ -76,7 +81,7 @@ def test_teacache_reuses_residual_when_input_barely_changes():
 def test_teacache_first_call_after_step_zero_computes():
     """The original crashes when a guidance branch first runs at step > 0 (cfg_range starting late)."""
     model, cache = ResidualModel(), TeaCache(10.0)
-    out = cache.run(model, lambda: torch.ones(1, 2, 3), None, None, 3, 10)
+    out = run(cache, model, lambda: torch.ones(1, 2, 3), 3, 10)
     assert cache.computed_steps == [3] and torch.allclose(out, torch.full((1, 2, 3), 2.0))
 
 

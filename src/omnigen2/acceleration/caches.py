@@ -1,9 +1,10 @@
 """Step caches for the joint transformer blocks, applied from outside the model.
 
-The sampler calls ``cache.run(model, prepare, temb, layout, step, num_steps)`` instead of running stages 1-4
-itself. ``prepare()`` computes the joint input (stages 1-3); a cache may skip it together with the blocks.
-One cache object holds the state of one guidance branch for one generation, as the original keeps one
-state per branch.
+The transformer's forward takes ``step_cache=``: it then calls ``cache.run(model, prepare, temb, layout)``
+instead of running the joint blocks itself. ``prepare()`` computes the joint input (stages 1-3); a cache may
+skip it together with the blocks. One cache object holds the state of one guidance branch for one
+generation (the original keeps one state per branch); the sampler tells it the step with ``begin_step``.
+Every cache also keeps the branch's refined text (the context refiner has no timestep input).
 
 - :class:`NoCache` always computes.
 - :class:`TeaCache` (Liu et al. 2024) skips the joint blocks while the accumulated, polynomially rescaled
@@ -27,15 +28,24 @@ TEACACHE_COEFFICIENTS = (-5.48259225, 11.48772289, -4.47407401, 2.47730926, -0.0
 
 
 class NoCache:
+    """Computes every step; still keeps the branch's refined text."""
+
+    reuse_context = True
+
     def __init__(self):
         self.computed_steps: list[int] = []
+        self.context: torch.Tensor | None = None
+        self.step, self.num_steps = 0, 1
 
-    def run(self, model, prepare: Callable, temb, layout, step: int, num_steps: int) -> torch.Tensor:
-        self.computed_steps.append(step)
+    def begin_step(self, step: int, num_steps: int) -> None:
+        self.step, self.num_steps = step, num_steps
+
+    def run(self, model, prepare: Callable, temb, layout) -> torch.Tensor:
+        self.computed_steps.append(self.step)
         return model.run_layers(prepare(), temb, layout)
 
 
-class TeaCache:
+class TeaCache(NoCache):
     """TeaCache with the original's semantics; one instance per guidance branch.
 
     Deviation (fix): the original reads the previous modulated input on a branch's first call even when that
@@ -46,14 +56,15 @@ class TeaCache:
     def __init__(self, rel_l1_thresh: float):
         if rel_l1_thresh < 0:
             raise ValueError(f"TeaCache rel_l1_thresh must be >= 0, got {rel_l1_thresh}")
+        super().__init__()
         self.thresh = rel_l1_thresh
         self.rescale = np.poly1d(TEACACHE_COEFFICIENTS)
         self.accumulated = 0.0
         self.previous_modulated = None
         self.previous_residual = None
-        self.computed_steps: list[int] = []
 
-    def run(self, model, prepare, temb, layout, step, num_steps):
+    def run(self, model, prepare, temb, layout):
+        step, num_steps = self.step, self.num_steps
         hidden = prepare()
         modulated = model.layers[0].norm1(hidden, temb)[0]  # (B, S, C): what the first block sees
         if step in (0, num_steps - 1) or self.previous_modulated is None:
@@ -75,7 +86,7 @@ class TeaCache:
         return out
 
 
-class TaylorSeer:
+class TaylorSeer(NoCache):
     """TaylorSeer with the original's defaults and semantics; one instance per guidance branch.
 
     The original caches, for every joint block, Taylor factors of the block's output and, on a predicted step,
@@ -89,12 +100,12 @@ class TaylorSeer:
     """
 
     def __init__(self, first_enhance: int = 5, fresh_threshold: int = 3, max_order: int = 4):
+        super().__init__()
         self.first_enhance, self.fresh_threshold, self.max_order = first_enhance, fresh_threshold, max_order
         self.calls = 0  # this branch's forward count: the original's current['step']
         self.counter = 0
         self.activated = [0]
         self.factors: dict[int, torch.Tensor] = {}
-        self.computed_steps: list[int] = []
 
     def _full(self) -> bool:
         first = self.calls < self.first_enhance
@@ -122,11 +133,11 @@ class TaylorSeer:
             out = out + (1 / math.factorial(i)) * self.factors[i] * (x**i)
         return out
 
-    def run(self, model, prepare, temb, layout, step, num_steps):
+    def run(self, model, prepare, temb, layout):
         if self._full():
             out = model.run_layers(prepare(), temb, layout)
             self._update(out)
-            self.computed_steps.append(step)
+            self.computed_steps.append(self.step)
         else:
             out = self._predict()
         self.calls += 1

@@ -528,23 +528,6 @@ class OmniGen2Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             return self._gradient_checkpointing_func(blk, x, mask, rope, temb, seq_lens)
         return blk(x, mask, rope, temb, seq_lens)
 
-    def prepare(
-        self,
-        hidden_states,
-        timestep,
-        text_hidden_states,
-        text_attention_mask,
-        ref_image_hidden_states,
-        layout: SequenceLayout,
-        context: torch.Tensor | None = None,
-    ):
-        """Stages 1-3: (joint hidden states (B, S, C), temb). ``context`` reuses a refined text from an earlier step."""
-        temb, text_tokens = self.embed(timestep, text_hidden_states, hidden_states[0].dtype)
-        if context is None:
-            context = self.refine_context(text_tokens, layout)
-        img, refs = self.refine_images(hidden_states, ref_image_hidden_states, temb, layout)
-        return self.assemble(context, img, refs, layout), temb
-
     def forward(
         self,
         hidden_states: torch.Tensor | list[torch.Tensor],
@@ -556,11 +539,16 @@ class OmniGen2Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = False,
         layout: SequenceLayout | None = None,
+        step_cache=None,
     ):
         """The original's signature: latents (B, C, H, W) or [(C, H, W)], timestep (B,) in [0, 1] (1 = clean),
         text hidden states (B, L, text_feat_dim) with a right-padded mask (B, L), and per sample an optional
         list of reference latents (C, H_k, W_k). Returns the predicted velocity (data - noise), same layout
-        as the latents."""
+        as the latents.
+
+        Beyond the original: ``layout`` (from :meth:`build_layout`) skips rebuilding masks and RoPE angles;
+        ``step_cache`` (see ``omnigen2.acceleration``) holds one guidance branch's state across the steps of a
+        generation: it reuses the refined text and may replace the joint blocks (TeaCache, TaylorSeer)."""
         lora_scale = (attention_kwargs or {}).get("scale", 1.0)
         if USE_PEFT_BACKEND:
             scale_lora_layers(self, lora_scale)
@@ -572,13 +560,38 @@ class OmniGen2Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             layout = self.build_layout(
                 text_attention_mask, ref_sizes, [tuple(x.shape[-2:]) for x in latents], freqs_cis
             )
+        cache = step_cache if step_cache is not None else _NO_CACHE
 
-        hidden, temb = self.prepare(latents, timestep, text_hidden_states, text_attention_mask, refs, layout)
-        hidden = self.run_layers(hidden, temb, layout)
+        # 1. Condition: timestep and caption embeddings
+        temb, text_tokens = self.embed(timestep, text_hidden_states, latents[0].dtype)
+
+        # 2-3. Refine text and images, assemble [text | references | target] (called lazily: a cache may skip it)
+        def prepare() -> torch.Tensor:
+            context = cache.context if cache.context is not None else self.refine_context(text_tokens, layout)
+            if cache.reuse_context:
+                cache.context = context  # no timestep input: the same at every step of this branch
+            img, ref_tokens = self.refine_images(latents, refs, temb, layout)
+            return self.assemble(context, img, ref_tokens, layout)
+
+        # 4. Joint blocks, through the step cache if one is given
+        hidden = (
+            cache.run(self, prepare, temb, layout)
+            if step_cache is not None
+            else self.run_layers(prepare(), temb, layout)
+        )
+
+        # 5. Output norm, projection, unpatchify
         output = self.head(hidden, temb, layout)
-
         if is_tensor:
             output = torch.stack(output, dim=0)
         if USE_PEFT_BACKEND:
             unscale_lora_layers(self, lora_scale)
         return Transformer2DModelOutput(sample=output) if return_dict else output
+
+
+class _NoContextCache:
+    context = None
+    reuse_context = False
+
+
+_NO_CACHE = _NoContextCache()

@@ -52,7 +52,6 @@ class Branch:
     refs: list[list[torch.Tensor] | None]
     layout: SequenceLayout
     cache: Any
-    context: torch.Tensor | None = None  # refined text tokens: the context refiner has no timestep input
 
 
 class OmniGen2Pipeline(DiffusionPipeline):
@@ -147,8 +146,9 @@ class OmniGen2Pipeline(DiffusionPipeline):
                     stacklevel=3,
                 )
         ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
-        # The decoder stack only: the LM head is not needed for conditioning.
-        hidden = self.mllm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        # Through the model's forward (offload hooks apply); the logits are not needed: compute one position only.
+        out = self.mllm(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1]
         return hidden.to(dtype=self.mllm.dtype), mask
 
     # -- images ---------------------------------------------------------------------------------------------
@@ -238,18 +238,20 @@ class OmniGen2Pipeline(DiffusionPipeline):
     # -- one denoiser evaluation ----------------------------------------------------------------------------
 
     def _predict(self, branch: Branch, latents: torch.Tensor, t: torch.Tensor, step: int, num_steps: int):
-        model = self.transformer
+        """One transformer evaluation for a guidance branch (through ``forward``, so offload hooks apply)."""
         timestep = t.expand(latents.shape[0]).to(latents.dtype)  # (B,)
-        temb, text_tokens = model.embed(timestep, branch.text, latents.dtype)
-
-        def prepare():
-            if branch.context is None:
-                branch.context = model.refine_context(text_tokens, branch.layout)
-            img, refs = model.refine_images(list(latents), branch.refs, temb, branch.layout)
-            return model.assemble(branch.context, img, refs, branch.layout)
-
-        hidden = branch.cache.run(model, prepare, temb, branch.layout, step, num_steps)
-        return torch.stack(model.head(hidden, temb, branch.layout), dim=0)  # (B, C, h, w)
+        branch.cache.begin_step(step, num_steps)
+        return self.transformer(
+            latents,
+            timestep,
+            branch.text,
+            None,
+            branch.mask,
+            branch.refs,
+            attention_kwargs=self._attention_kwargs,
+            layout=branch.layout,
+            step_cache=branch.cache,
+        )  # (B, C, h, w)
 
     def _branch(self, name, text, mask, refs, latents, cache_config: CacheConfig) -> Branch:
         model = self.transformer
@@ -315,6 +317,7 @@ class OmniGen2Pipeline(DiffusionPipeline):
             raise ValueError(f"cfg_range must satisfy 0 <= start <= end <= 1, got {tuple(cfg_range)}")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        self._attention_kwargs = attention_kwargs
         cache_config = self.cache_config
         if teacache is not None or taylorseer is not None:
             cache_config = CacheConfig(teacache=teacache, taylorseer=bool(taylorseer))
