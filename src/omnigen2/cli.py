@@ -76,11 +76,87 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the diffusion transformer (full or LoRA)",
+        description="Train from a YAML config (docs/TRAINING.md). Run under `accelerate launch` for several processes.",
+    )
+    p.add_argument("config", help="training config (YAML)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.lr=1e-4 (repeatable)",
+    )
+    p.add_argument("--resume", default=None, metavar="latest|PATH", help="continue a run from a checkpoint")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many more steps (for testing)")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a pipeline directory from a training checkpoint")
+    p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
+    p.add_argument("-o", "--output", required=True, help="pipeline directory to write")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema")
+    p.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into the transformer")
+    p.add_argument("--dtype", default=None, help="save in this dtype (fp32 | bf16 | fp16)")
+    p.add_argument(
+        "--sampling",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recommended sampling setting stored in the checkpoint, e.g. num_inference_steps=20",
+    )
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_train(args) -> int:
+    import logging
+
+    from .training import Trainer, load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg)
+    history = trainer.fit(resume=args.resume, max_steps=args.max_steps)
+    if trainer.acc.is_main_process and history:
+        print(f"trained to step {trainer.step}; last loss {history[-1]['loss']:.5f}; run in {cfg.output.dir}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import yaml
+
+    from .training import export
+
+    defaults = {}
+    for item in args.sampling:
+        if "=" not in item:
+            raise ValueError(f"--sampling expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        defaults[k] = yaml.safe_load(v)
+    out = export(
+        args.checkpoint,
+        args.output,
+        weights=args.weights,
+        merge_lora=args.merge_lora,
+        dtype=args.dtype,
+        sampling_defaults=defaults,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omnigen2", description="OmniGen2: unified image generation")
     parser.add_argument("--version", action="version", version=f"omnigen2 {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_train(sub)
+    _add_export(sub)
     return parser
 
 

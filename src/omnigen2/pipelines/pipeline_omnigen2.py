@@ -102,6 +102,29 @@ class OmniGen2Pipeline(DiffusionPipeline):
     def tokenizer(self):
         return getattr(self.processor, "tokenizer", self.processor)
 
+    # -- LoRA (the original's format, or ComfyUI-style keys) ------------------------------------------------
+
+    def load_lora_weights(self, source, adapter_name: str = "default", scale: float = 1.0) -> None:
+        """Load a LoRA adapter into the transformer: a .safetensors file, a folder holding
+        pytorch_lora_weights.safetensors, or a state dict."""
+        from ..training.lora import read_lora
+
+        state_dict, config = read_lora(source)
+        self.transformer.load_lora_adapter(state_dict, prefix=None, adapter_name=adapter_name, metadata=config)
+        self.transformer.set_adapters([adapter_name], weights=[scale])
+
+    def set_lora_scale(self, scale: float, adapter_name: str = "default") -> None:
+        self.transformer.set_adapters([adapter_name], weights=[scale])
+
+    def fuse_lora(self, lora_scale: float = 1.0) -> None:
+        self.transformer.fuse_lora(lora_scale=lora_scale)
+
+    def unfuse_lora(self) -> None:
+        self.transformer.unfuse_lora()
+
+    def unload_lora_weights(self) -> None:
+        self.transformer.unload_lora()
+
     # -- caches ---------------------------------------------------------------------------------------------
 
     def enable_teacache(self, rel_l1_thresh: float = 0.05) -> None:

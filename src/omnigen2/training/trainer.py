@@ -1,0 +1,370 @@
+"""The OmniGen2 trainer: the MLLM and VAE frozen, the diffusion transformer trained (fully or with LoRA).
+
+Runs in one process (CPU or GPU) or under ``accelerate launch`` (DDP; FSDP / DeepSpeed through accelerate's
+config). Each optimizer step consumes one global batch of ``batch_size x processes x grad_accum`` samples;
+every sample's content, dropout, time and noise are functions of (seed, step, position), and the loss is
+normalised by the global element count, so 1 process with batch 2B equals 2 processes with batch B, and a
+resumed run continues the uninterrupted loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from ..loading import parse_dtype
+from ..models import OmniGen2Transformer2DModel
+from ..pipelines import OmniGen2Pipeline
+from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .config import TrainConfig
+from .data import MixtureDataset
+from .lora import config_kwargs, lora_state_dict, peft_config
+from .objective import flow_loss, noisy_inputs
+
+logger = logging.getLogger(__name__)
+
+
+def sample_seed(seed: int, step: int, position: int) -> int:
+    return int(np.random.SeedSequence([seed, step, position, 3]).generate_state(1)[0])
+
+
+class EMA:
+    """Exponential moving average of the trained parameters (fp32, on the parameters' device)."""
+
+    def __init__(self, named_params: dict[str, torch.nn.Parameter], decay: float):
+        self.decay = decay
+        self.params = named_params
+        self.shadow = {k: p.detach().float().clone() for k, p in named_params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for k, p in self.params.items():
+            self.shadow[k].lerp_(p.detach().float(), 1 - self.decay)
+
+
+def lr_lambda(cfg) -> callable:
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, accelerator=None):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.cfg = cfg
+        t = cfg.train
+        mp = t.mixed_precision
+        if mp == "auto":
+            mp = "bf16" if torch.cuda.is_available() else "no"
+        # Some steps leave modules unused (no reference images: the reference refiner): DDP must allow it.
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+        # Without CUDA, cpu=True makes a multi-process launch use gloo (MULTI_CPU) instead of one lone process.
+        self.acc = accelerator or Accelerator(
+            mixed_precision=mp, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available()
+        )
+        device = self.acc.device
+
+        # 1. Frozen components (MLLM, VAE, tokenizer) and the transformer to train
+        pipe = OmniGen2Pipeline.from_pretrained(cfg.model.pretrained, torch_dtype=parse_dtype(cfg.model.dtype))
+        self.pipe = pipe
+        if cfg.model.transformer is not None:
+            torch.manual_seed(t.seed)  # a fresh transformer, initialised reproducibly
+            spec = cfg.model.transformer
+            transformer = (
+                OmniGen2Transformer2DModel.from_preset(spec)
+                if isinstance(spec, str)
+                else OmniGen2Transformer2DModel(**spec)
+            )
+            pipe.transformer = transformer
+        self.transformer = pipe.transformer.float()
+        self.transformer.set_attention_backend(cfg.model.attention_backend)
+        for m in (pipe.mllm, pipe.vae):
+            m.requires_grad_(False).eval().to(device)
+        self.transformer.requires_grad_(t.mode == "full")
+        if t.mode == "lora":
+            self.transformer.add_adapter(
+                peft_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+            )
+        if t.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.token_rows = self._token_rows(t.train_token_embeddings)
+        self.transformer.train()
+
+        # 2. Trained parameters, optimizer, schedule, EMA
+        self.named = {k: p for k, p in self.transformer.named_parameters() if p.requires_grad}
+        if self.token_rows is not None:
+            self.named["mllm.token_rows"] = self.token_param
+        if not self.named:
+            raise ValueError("nothing to train: no parameter requires gradients")
+        self.optimizer = torch.optim.AdamW(
+            list(self.named.values()), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, eps=t.eps
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t))
+        self.model, self.optimizer = self.acc.prepare(self.transformer, self.optimizer)
+        self.ema = EMA(self.named, t.ema_decay) if t.ema_decay > 0 else None
+
+        # 3. Data
+        self.data = MixtureDataset(cfg.data, pipe.tokenizer, seed=t.seed)
+        self.step = 0
+        self.out = Path(cfg.output.dir)
+        self.history: list[dict] = []
+
+    # -- optional: train embedding rows of new tokens (e.g. <|img|>) in the frozen MLLM -------------------
+
+    def _token_rows(self, tokens: list[str]):
+        """Make the MLLM input-embedding rows of ``tokens`` trainable, the rest of the MLLM staying frozen.
+
+        The rows live in their own parameter, spliced into the embedding output by a forward hook: masking
+        the gradient of the full matrix would not do, since AdamW's weight decay would still shrink every row."""
+        if not tokens:
+            return None
+        tok = self.pipe.tokenizer
+        ids = []
+        for token in tokens:
+            tid = tok.convert_tokens_to_ids(token)
+            if tid is None or tid == tok.unk_token_id:
+                raise ValueError(f"train.train_token_embeddings: {token!r} is not a token of the tokenizer")
+            ids.append(tid)
+        self.embed = self.pipe.mllm.get_input_embeddings()
+        self.token_ids = torch.tensor(ids, device=self.embed.weight.device)
+        self.token_param = torch.nn.Parameter(self.embed.weight.detach()[self.token_ids].float().clone())
+
+        def splice(module, args, out):
+            input_ids = args[0]
+            match = input_ids[..., None] == self.token_ids  # (B, L, n)
+            if not match.any():
+                return out
+            rows = (match.to(self.token_param.dtype) @ self.token_param).to(out.dtype)  # (B, L, D)
+            return torch.where(match.any(-1, keepdim=True), rows, out)
+
+        self.embed.register_forward_hook(splice)
+        return ids
+
+    def embedding_matrix(self) -> torch.Tensor:
+        """The MLLM input embeddings with the trained rows written in."""
+        weight = self.embed.weight.detach().float().cpu().clone()
+        weight[self.token_ids.cpu()] = self.token_param.detach().float().cpu()
+        return weight
+
+    # -- one micro-batch -------------------------------------------------------------------------------------
+
+    def _positions(self, micro: int) -> range:
+        b, world, rank = self.cfg.train.batch_size, self.acc.num_processes, self.acc.process_index
+        base = micro * b * world
+        return range(base + rank * b, base + (rank + 1) * b)
+
+    @torch.no_grad()
+    def _latents(self, images: list[torch.Tensor], gens) -> list[torch.Tensor]:
+        vae, out = self.pipe.vae, []
+        for img, g in zip(images, gens):
+            dist = vae.encode(img[None].to(vae.device, vae.dtype)).latent_dist
+            z = dist.sample(g) if (self.cfg.objective.vae_sample and g is not None) else dist.mode()
+            out.append(self.pipe._scale_latents(z)[0].float())
+        return out
+
+    def _text(self, batch):
+        dev = self.acc.device
+        ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
+        ctx = torch.enable_grad() if self.token_rows is not None else torch.no_grad()
+        with ctx:
+            hidden = self.pipe.mllm(
+                input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1
+            ).hidden_states[-1]
+        return hidden.float(), mask
+
+    def micro_loss(self, batch, step: int, normalizer: float):
+        """Loss of one micro-batch, scaled so that summing over micro-batches and averaging over processes
+        gives the global mean."""
+        cfg = self.cfg
+        gens = [torch.Generator().manual_seed(sample_seed(cfg.train.seed, step, p)) for p in batch["positions"]]
+        x1 = self._latents(batch["targets"], gens)
+        refs = [self._latents(r, [None] * len(r)) or None for r in batch["refs"]]
+        xt, t, target = noisy_inputs(
+            x1, gens, self.transformer.config.patch_size, cfg.objective.time_sampler, cfg.objective.time_shift
+        )
+        text, mask = self._text(batch)
+        with self.acc.autocast():
+            pred = self.model(xt, t, text, None, mask, refs)
+        if cfg.objective.loss_reduction == "element":
+            local = sum((p.float() - y).square().sum() for p, y in zip(pred, target))
+        else:
+            local = sum((p.float() - y).square().mean() for p, y in zip(pred, target))
+        # DDP averages gradients over processes, hence the factor num_processes.
+        return local * (self.acc.num_processes / normalizer), flow_loss(pred, target, cfg.objective.loss_reduction)
+
+    def _normalizer(self, batches) -> float:
+        """Total element (or sample) count of this optimizer step over all micro-batches and processes."""
+        per_elem = self.cfg.objective.loss_reduction == "element"
+        patch_tokens = 0.0
+        for b in batches:
+            for img in b["targets"]:
+                c = self.pipe.vae.config.latent_channels
+                h, w = (s // self.pipe.vae_scale_factor for s in img.shape[-2:])
+                patch_tokens += c * h * w if per_elem else 1
+        total = torch.tensor([patch_tokens], device=self.acc.device, dtype=torch.float64)
+        return float(self.acc.reduce(total, reduction="sum").item())
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        t = self.cfg.train
+        batches = [self.data.batch(self.step, self._positions(m)) for m in range(t.grad_accum)]
+        normalizer = self._normalizer(batches)
+        loss_sum, report = 0.0, []
+        for m, batch in enumerate(batches):
+            sync = m == len(batches) - 1
+            ctx = self.acc.no_sync(self.model) if not sync else torch.enable_grad()
+            with ctx:
+                scaled, plain = self.micro_loss(batch, self.step, normalizer)
+                self.acc.backward(scaled)
+            loss_sum += scaled.detach() / self.acc.num_processes
+            report.append(plain.detach())
+        grad_norm = None
+        if t.max_grad_norm > 0:
+            grad_norm = self.acc.clip_grad_norm_(list(self.named.values()), t.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
+        loss = float(self.acc.reduce(torch.as_tensor(loss_sum, device=self.acc.device).reshape(1), "sum").item())
+        self.step += 1
+        rec = {
+            "step": self.step,
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "samples": t.batch_size * t.grad_accum * self.acc.num_processes,
+            "seconds": time.perf_counter() - t0,
+        }
+        self.history.append(rec)
+        return rec
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        if self.cfg.train.mode == "lora":
+            sd = {k[len("transformer.") :]: v for k, v in lora_state_dict(self.transformer).items()}
+        else:
+            sd = {k: v.detach().float().cpu() for k, v in self.transformer.state_dict().items()}
+        if self.token_rows is not None:
+            sd["mllm.token_rows"] = self.token_param.detach().float().cpu()
+        return sd
+
+    def save(self) -> Path | None:
+        self.acc.wait_for_everyone()
+        path = None
+        if self.acc.is_main_process:
+            optim = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+            }
+            if torch.cuda.is_available():
+                optim["rng_cuda"] = torch.cuda.get_rng_state()
+            state = {
+                "step": self.step,
+                "config": self.cfg.to_dict(),
+                "mode": self.cfg.train.mode,
+                "token_ids": self.token_rows,
+                "lora": config_kwargs(self.transformer.peft_config["default"])
+                if self.cfg.train.mode == "lora"
+                else None,
+            }
+            ema = {k: v.cpu() for k, v in self.ema.shadow.items()} if self.ema is not None else None
+            path = save_checkpoint(
+                self.out, self.step, self.trainable_state(), ema, optim, state, self.cfg.output.keep_last
+            )
+        self.acc.wait_for_everyone()
+        return path
+
+    def resume(self, resume: str | None) -> bool:
+        path = resolve_resume(self.out, resume)
+        if path is None:
+            if resume not in (None, "latest"):
+                raise ValueError(f"no checkpoint at {resume}")
+            return False
+        ck = load_checkpoint(path)
+        sd = ck["trainable"]
+        rows = sd.pop("mllm.token_rows", None)
+        if self.cfg.train.mode == "lora":
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.transformer, sd, adapter_name="default")
+        else:
+            self.transformer.load_state_dict(sd)
+        if rows is not None and self.token_rows is not None:
+            with torch.no_grad():
+                self.token_param.copy_(rows)
+        self.optimizer.load_state_dict(ck["optim"]["optimizer"])
+        self.scheduler.load_state_dict(ck["optim"]["scheduler"])
+        torch.set_rng_state(ck["optim"]["rng_cpu"])
+        if "rng_cuda" in ck["optim"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(ck["optim"]["rng_cuda"])
+        if self.ema is not None and "ema" in ck:
+            for k, v in ck["ema"].items():
+                self.ema.shadow[k].copy_(v)
+        self.step = ck["state"]["step"]
+        if self.acc.is_main_process:
+            logger.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def fit(self, resume: str | None = None, max_steps: int | None = None) -> list[dict]:
+        """Train to ``train.steps`` (or ``max_steps`` more steps, to stop early on purpose)."""
+        cfg = self.cfg
+        self.resume(resume)
+        main = self.acc.is_main_process
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            logger.info("%s", self.data.report())
+        end = cfg.train.steps if max_steps is None else min(cfg.train.steps, self.step + max_steps)
+        writer = self._tensorboard() if main and cfg.output.tensorboard else None
+        bar = tqdm(total=cfg.train.steps, initial=self.step, disable=not main, desc="train", dynamic_ncols=True)
+        log = (self.out / "metrics.jsonl").open("a") if main else None
+        try:
+            while self.step < end:
+                rec = self.train_step()
+                if main:
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", sps=f"{rec['samples'] / rec['seconds']:.1f}"
+                    )
+                    if self.step % cfg.output.log_every == 0 or self.step == end:
+                        log.write(json.dumps(rec) + "\n")
+                        log.flush()
+                        if writer is not None:
+                            writer.add_scalar("loss", rec["loss"], self.step)
+                            writer.add_scalar("lr", rec["lr"], self.step)
+                if self.step % cfg.output.save_every == 0 or self.step == cfg.train.steps:
+                    self.save()
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+            if writer is not None:
+                writer.close()
+        return self.history
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            logger.warning("output.tensorboard is on but tensorboard is not installed; metrics.jsonl only")
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
