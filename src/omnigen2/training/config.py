@@ -181,7 +181,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"{p}: not valid YAML ({e})") from e
-        # Data paths in the config are relative to the config file.
+        # Data paths (and a local model path) in the config are relative to the config file.
+        model = raw.get("model", {})
+        if isinstance(model, dict) and isinstance(model.get("pretrained"), str):
+            local = p.parent / model["pretrained"]
+            if not Path(model["pretrained"]).is_absolute() and local.exists():
+                model["pretrained"] = str(local.resolve())
         data = raw.get("data", {})
         if isinstance(data, dict) and data.get("path") and not Path(data["path"]).is_absolute():
             data["path"] = str((p.parent / data["path"]).resolve())

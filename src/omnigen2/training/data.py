@@ -85,6 +85,36 @@ class Source:
         return [leaf for c in self.children for leaf in c.flat(weight * c.ratio / total)]
 
 
+@dataclass(frozen=True)
+class ImageSpec:
+    """An image of a sample, resized lazily: decoding is skipped when its latents are cached."""
+
+    path: str
+    max_pixels: int
+    max_side_length: int | None
+    size_multiple: int
+    where: str
+
+    def load(self) -> torch.Tensor:
+        """(3, H, W) in [-1, 1], resized by the original's rules."""
+        try:
+            img = load_image(self.path)
+        except ImageError as e:
+            raise DataError(f"{self.where}: {e}") from e
+        proc = OmniGen2ImageProcessor(vae_scale_factor=self.size_multiple)
+        return proc.preprocess_reference(img, self.max_pixels, self.max_side_length)[0]
+
+    def size(self) -> tuple[int, int]:
+        """The (H, W) that ``load`` returns, read from the file header only."""
+        try:
+            with PIL.Image.open(self.path) as im:
+                w, h = im.size
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"{self.where}: image {self.path!r} cannot be read ({e})") from e
+        proc = OmniGen2ImageProcessor(vae_scale_factor=self.size_multiple)
+        return proc.target_size(h, w, self.max_pixels, self.max_side_length)
+
+
 @dataclass
 class BadRecord:
     where: str
@@ -213,6 +243,7 @@ class DataConfig:
     caption_prefix_drop: float = 0.5
     max_token_len: int = 1024
     check_images: bool = True
+    cache_latents: bool = True  # keep each image's VAE posterior in memory (inputs are re-used every epoch)
 
 
 class MixtureDataset:
@@ -254,15 +285,12 @@ class MixtureDataset:
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": instruction}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
 
-    def _image(self, path: str, max_pixels: int, rec: Record) -> torch.Tensor:
-        try:
-            img = load_image(path)
-        except ImageError as e:
-            raise DataError(f"{rec.where}: {e}") from e
-        return self.processor.preprocess_reference(img, max_pixels, self.cfg.max_side_length)[0]  # (3, H, W)
+    def _spec(self, path: str, max_pixels: int, rec: Record) -> ImageSpec:
+        return ImageSpec(path, max_pixels, self.cfg.max_side_length, self.cfg.size_multiple, rec.where)
 
-    def sample(self, step: int, position: int) -> dict:
-        """One preprocessed sample: chat-templated text, reference images (list) and the target, in [-1, 1]."""
+    def sample(self, step: int, position: int, load: bool = True) -> dict:
+        """One sample: chat-templated text, reference images and the target — as (3, H, W) tensors in [-1, 1],
+        or as lazy :class:`ImageSpec` with ``load=False``."""
         src, idx = self.draw(step, position)
         rec = self.sources[src][idx]
         rng = np.random.default_rng([self.seed, step, position, 2])
@@ -279,8 +307,10 @@ class MixtureDataset:
         mip = self.cfg.max_input_pixels
         if isinstance(mip, list):
             mip = mip[min(len(inputs), len(mip)) - 1] if inputs else mip[0]
-        refs = [self._image(p, mip, rec) for p in inputs]
-        target = self._image(rec.output_image, self.cfg.max_output_pixels, rec)
+        refs = [self._spec(p, mip, rec) for p in inputs]
+        target = self._spec(rec.output_image, self.cfg.max_output_pixels, rec)
+        if load:
+            refs, target = [r.load() for r in refs], target.load()
         return {
             "text": text,
             "refs": refs,
@@ -290,8 +320,8 @@ class MixtureDataset:
             "source": src,
         }
 
-    def batch(self, step: int, positions: range) -> dict:
-        items = [self.sample(step, p) for p in positions]
+    def batch(self, step: int, positions: range, load: bool = True) -> dict:
+        items = [self.sample(step, p, load) for p in positions]
         tok = self.tokenizer(
             [it["text"] for it in items],
             padding="longest",

@@ -25,7 +25,7 @@ from ..models import OmniGen2Transformer2DModel
 from ..pipelines import OmniGen2Pipeline
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
-from .data import MixtureDataset
+from .data import ImageSpec, MixtureDataset
 from .lora import config_kwargs, lora_state_dict, peft_config
 from .objective import flow_loss, noisy_inputs
 
@@ -121,6 +121,7 @@ class Trainer:
 
         # 3. Data
         self.data = MixtureDataset(cfg.data, pipe.tokenizer, seed=t.seed)
+        self.latent_cache: dict = {}
         self.step = 0
         self.out = Path(cfg.output.dir)
         self.history: list[dict] = []
@@ -170,12 +171,24 @@ class Trainer:
         return range(base + rank * b, base + (rank + 1) * b)
 
     @torch.no_grad()
-    def _latents(self, images: list[torch.Tensor], gens) -> list[torch.Tensor]:
+    def _latents(self, images: list, gens) -> list[torch.Tensor]:
+        """Scaled VAE latents of images (tensors or lazy ImageSpecs); the posterior mean, or a sample drawn with
+        the sample's generator when ``objective.vae_sample``. Posteriors of files are cached in memory."""
         vae, out = self.pipe.vae, []
         for img, g in zip(images, gens):
-            dist = vae.encode(img[None].to(vae.device, vae.dtype)).latent_dist
-            z = dist.sample(g) if (self.cfg.objective.vae_sample and g is not None) else dist.mode()
-            out.append(self.pipe._scale_latents(z)[0].float())
+            key = (img.path, img.max_pixels, img.max_side_length) if isinstance(img, ImageSpec) else None
+            if key is not None and key in self.latent_cache:
+                mean, std = self.latent_cache[key]
+            else:
+                pixels = img.load() if isinstance(img, ImageSpec) else img
+                dist = vae.encode(pixels[None].to(vae.device, vae.dtype)).latent_dist
+                mean, std = dist.mean[0].float().cpu(), dist.std[0].float().cpu()
+                if key is not None and self.cfg.data.cache_latents:
+                    self.latent_cache[key] = (mean, std)
+            z = mean
+            if self.cfg.objective.vae_sample and g is not None:
+                z = mean + std * torch.randn(mean.shape, generator=g)
+            out.append(self.pipe._scale_latents(z.to(vae.device, vae.dtype)[None])[0].float())
         return out
 
     def _text(self, batch):
@@ -215,7 +228,8 @@ class Trainer:
         for b in batches:
             for img in b["targets"]:
                 c = self.pipe.vae.config.latent_channels
-                h, w = (s // self.pipe.vae_scale_factor for s in img.shape[-2:])
+                size = img.size() if isinstance(img, ImageSpec) else img.shape[-2:]
+                h, w = (s // self.pipe.vae_scale_factor for s in size)
                 patch_tokens += c * h * w if per_elem else 1
         total = torch.tensor([patch_tokens], device=self.acc.device, dtype=torch.float64)
         return float(self.acc.reduce(total, reduction="sum").item())
@@ -225,7 +239,7 @@ class Trainer:
     def train_step(self) -> dict:
         t0 = time.perf_counter()
         t = self.cfg.train
-        batches = [self.data.batch(self.step, self._positions(m)) for m in range(t.grad_accum)]
+        batches = [self.data.batch(self.step, self._positions(m), load=False) for m in range(t.grad_accum)]
         normalizer = self._normalizer(batches)
         loss_sum, report = 0.0, []
         for m, batch in enumerate(batches):
