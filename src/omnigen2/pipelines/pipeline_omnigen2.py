@@ -9,6 +9,7 @@ Differences are listed in docs/DEVIATIONS.md.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,9 +66,12 @@ class OmniGen2Pipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler, mllm=mllm, processor=processor)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        # Image sides must be multiples of one latent patch: 16 pixels for the released model.
-        self.size_multiple = self.vae_scale_factor * self.transformer.config.patch_size
-        self.image_processor = OmniGen2ImageProcessor(vae_scale_factor=self.size_multiple)
+        # Size rules of the original: reference images are floored to multiples of 2x the VAE factor, generated
+        # sizes to multiples of 16. Both are also kept multiples of one latent patch (VAE factor x patch size),
+        # which changes nothing for the released model (16 = 8 x 2) and avoids the original's crash otherwise.
+        patch = self.vae_scale_factor * self.transformer.config.patch_size
+        self.size_multiple = math.lcm(16, patch)
+        self.image_processor = OmniGen2ImageProcessor(vae_scale_factor=math.lcm(2 * self.vae_scale_factor, patch))
         self.default_sample_size = 128
         self.cache_config = CacheConfig()
         self.sampling_defaults: dict[str, Any] = {}
