@@ -1,0 +1,163 @@
+"""Pre-training the frozen parts of the miniature: the VAE (reconstruction) and the MLLM (understanding).
+
+Both loops take a ``batch(step)`` callable, so the data is a pure function of the step (resumable,
+reproducible) and can be rendered on the fly instead of stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+UNDERSTANDING_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def image_placeholder(index: int, num_tokens: int) -> str:
+    """The original chat pipeline's image slot: ``<imgN>: <|vision_start|><|image_pad|>...<|vision_end|>``."""
+    return f"<img{index}>: <|vision_start|>" + "<|image_pad|>" * num_tokens + "<|vision_end|>"
+
+
+def _lr(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def train_vae(
+    vae,
+    batch: Callable[[int], torch.Tensor],
+    steps: int,
+    lr: float = 1e-3,
+    kl_weight: float = 1e-6,
+    warmup: int = 100,
+    log_every: int = 100,
+) -> list[float]:
+    """Train an AutoencoderKL on images in [-1, 1]: L1 + MSE reconstruction + a small KL term.
+
+    Afterwards ``vae.config.shift_factor`` / ``scaling_factor`` are set from the latent statistics, so the
+    transformer sees roughly unit-variance, zero-mean latents (the released VAE stores the same fields)."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, steps, warmup))
+    vae.train()
+    history = []
+    bar = tqdm(range(steps), desc="vae", dynamic_ncols=True)
+    for step in bar:
+        x = batch(step)
+        dist = vae.encode(x).latent_dist
+        rec = vae.decode(dist.sample()).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * dist.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        history.append(loss.item())
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        z = torch.cat([vae.encode(batch(10**6 + k)).latent_dist.mode() for k in range(8)])
+    vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
+    return history
+
+
+@torch.no_grad()
+def vae_reconstruction_error(vae, batch: Callable[[int], torch.Tensor], n: int = 8) -> dict[str, float]:
+    """Mean absolute and squared error of encode(mean) -> decode, in [0, 1] pixel units, on held-out batches."""
+    l1 = l2 = 0.0
+    for k in range(n):
+        x = batch(2 * 10**6 + k)
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        l1 += ((rec - x).abs().mean() / 2).item()
+        l2 += (((rec - x) / 2) ** 2).mean().item()
+    return {"l1": l1 / n, "mse": l2 / n}
+
+
+class UnderstandingBatcher:
+    """Turns (image, question, answer) triples into Qwen2.5-VL training inputs, loss on the answer only."""
+
+    def __init__(self, tokenizer, image_processor, merge_size: int = 2):
+        self.tok, self.proc, self.merge = tokenizer, image_processor, merge_size
+        self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    def prompt(self, question: str, num_tokens: int) -> str:
+        messages = [
+            {"role": "system", "content": UNDERSTANDING_SYSTEM_PROMPT},
+            {"role": "user", "content": image_placeholder(1, num_tokens) + question},
+        ]
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def __call__(self, triples) -> dict[str, torch.Tensor]:
+        images = [im for im, _, _ in triples]
+        vis = self.proc(images=images, return_tensors="pt")
+        per_image = (vis["image_grid_thw"].prod(-1) // self.merge**2).tolist()
+        ids, labels = [], []
+        for (_, question, answer), n in zip(triples, per_image):
+            p = self.tok(self.prompt(question, n), add_special_tokens=False).input_ids
+            a = self.tok(answer + "<|im_end|>", add_special_tokens=False).input_ids
+            ids.append(p + a)
+            labels.append([-100] * len(p) + a)
+        width = max(len(x) for x in ids)
+        pad = self.tok.pad_token_id
+        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+            "labels": torch.tensor([y + [-100] * (width - len(y)) for y in labels]),
+            "pixel_values": vis["pixel_values"],
+            "image_grid_thw": vis["image_grid_thw"],
+            "mm_token_type_ids": (input_ids == self.image_token_id).int(),
+        }
+
+
+def train_mllm(
+    model, batch: Callable[[int], dict], steps: int, lr: float = 2e-3, warmup: int = 100, log_every: int = 50
+) -> list[float]:
+    """Next-token cross-entropy on the answers (the MLLM is frozen afterwards)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, steps, warmup))
+    model.train()
+    history, t0 = [], time.perf_counter()
+    bar = tqdm(range(steps), desc="mllm", dynamic_ncols=True)
+    for step in bar:
+        inputs = batch(step)
+        loss = model(**inputs).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        history.append(loss.item())
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    model.eval()
+    logger.info("mllm: %d steps in %.0fs", steps, time.perf_counter() - t0)
+    return history
+
+
+@torch.no_grad()
+def answer(model, batcher: UnderstandingBatcher, image, question: str, max_new_tokens: int = 32) -> str:
+    """Greedy answer to a question about one image."""
+    vis = batcher.proc(images=[image], return_tensors="pt")
+    n = int(vis["image_grid_thw"].prod()) // batcher.merge**2
+    ids = batcher.tok(batcher.prompt(question, n), add_special_tokens=False, return_tensors="pt").input_ids
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pixel_values=vis["pixel_values"],
+        image_grid_thw=vis["image_grid_thw"],
+        mm_token_type_ids=(ids == batcher.image_token_id).int(),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=batcher.tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=batcher.tok.pad_token_id,
+    )
+    return batcher.tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()

@@ -1,0 +1,87 @@
+"""The miniature model's parts: tokenizer, MLLM config, and the VAE / MLLM pre-training loops (a few steps)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from omnigen2.shapes.mini import QWEN_SPECIAL_TOKENS, VAE_CONFIG, build_tokenizer, image_processor_config, mllm_config
+from omnigen2.shapes.pretrain import UnderstandingBatcher, answer, train_mllm, train_vae, vae_reconstruction_error
+
+COLORS = {"red": (220, 30, 30), "blue": (30, 70, 220)}
+
+
+def scene(rng):
+    color = rng.choice(list(COLORS))
+    im = Image.new("RGB", (64, 64), (235, 235, 235))
+    x, y = rng.choice([11, 32, 53]), rng.choice([11, 32, 53])
+    ImageDraw.Draw(im).ellipse([x - 8, y - 8, x + 8, y + 8], fill=COLORS[color])
+    return im, color
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(["what color is the circle?", "red", "blue", "a red circle at the top left"] * 20, 320)
+
+
+@pytest.fixture(scope="module")
+def image_processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    cfg = {k: v for k, v in image_processor_config().items() if k not in ("image_processor_type", "processor_class")}
+    return Qwen2VLImageProcessorPil(**cfg)
+
+
+def test_tokenizer_has_qwen_special_tokens_and_template(tokenizer):
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS]
+    assert ids == list(range(len(QWEN_SPECIAL_TOKENS)))  # special tokens first, single ids
+    assert tokenizer.tokenize("<|img|>") == ["<|img|>"]
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.decode(tokenizer("a red circle").input_ids) == "a red circle"
+
+
+def test_vae_learns_to_reconstruct():
+    def batch(step):
+        rng = random.Random(step)
+        arr = np.stack([np.asarray(scene(rng)[0], dtype=np.float32) / 127.5 - 1 for _ in range(4)])
+        return torch.from_numpy(arr).permute(0, 3, 1, 2)
+
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**{**VAE_CONFIG, "block_out_channels": (8, 16, 16), "norm_num_groups": 8})
+    before = vae_reconstruction_error(vae, batch, n=2)["mse"]
+    train_vae(vae, batch, steps=12, lr=3e-3, warmup=2)
+    after = vae_reconstruction_error(vae, batch, n=2)["mse"]
+    assert after < 0.5 * before
+    assert vae.config.scaling_factor > 0 and vae.config.shift_factor is not None
+
+
+def test_mllm_learns_a_question(tokenizer, image_processor):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(mllm_config(tokenizer, hidden=64, layers=2, vision_hidden=32))
+    batcher = UnderstandingBatcher(tokenizer, image_processor)
+
+    def batch(step):
+        rng = random.Random(step)
+        return batcher([(im, "what color is the circle?", c) for im, c in (scene(rng) for _ in range(8))])
+
+    inputs = batch(0)
+    assert inputs["mm_token_type_ids"].sum() == 8 * 16  # 64x64 -> 8x8 patches -> 16 tokens after the 2x2 merge
+    rng = random.Random(0)
+    answers = [scene(rng)[1] for _ in range(8)]
+    expected = sum(len(tokenizer(a + "<|im_end|>", add_special_tokens=False).input_ids) for a in answers)
+    assert (inputs["labels"] != -100).sum().item() == expected  # the loss covers the answers only
+    history = train_mllm(model, batch, steps=40, lr=5e-3, warmup=5)
+    assert np.mean(history[-5:]) < 0.5 * np.mean(history[:5])
+    reply = answer(model, batcher, scene(random.Random(5))[0], "what color is the circle?")
+    assert isinstance(reply, str)
