@@ -158,3 +158,10 @@ def test_gradient_checkpointing_same_gradients(official_tiny):
         grads.append(model.layers[0].attn.to_q.weight.grad.clone())
     assert grads[0].abs().sum() > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_positions_beyond_rope_tables_are_refused(tiny):
+    """The tiny config's tables hold 1024 positions on the row/column axes, which text tokens also use."""
+    mask = torch.ones(1, 1030, dtype=torch.long)
+    with pytest.raises(ValueError, match="exceeds axes_lens"):
+        tiny.build_layout(mask, [[]], [(8, 8)])

@@ -286,6 +286,13 @@ def build_layout(
             pos[i, start : start + n, 2] = cols
             shift += max(h // p, w // p)
             start += n
+    for axis, table in enumerate(freqs_cis):
+        top = int(pos[..., axis].max())  # host values: the layout is built once per generation
+        if top >= table.shape[0]:
+            raise ValueError(
+                f"RoPE position {top} on axis {axis} exceeds axes_lens[{axis}] = {table.shape[0]} "
+                "(text tokens use positions (i, i, i) on all three axes): shorten the prompt or the images"
+            )
     cos, sin = gather_rope(freqs_cis, pos)  # (B, S, D/2) each
 
     def pick(spans: list[tuple[int, int, int]], rows: int, width: int):

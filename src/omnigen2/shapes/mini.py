@@ -140,7 +140,7 @@ def transformer_config(text_feat_dim: int = 128, hidden: int = 192, layers: int 
         num_kv_heads=max(1, heads // 2),
         multiple_of=32,
         axes_dim_rope=(8, 12, 12),
-        axes_lens=(1024, 64, 64),
+        axes_lens=(1024, 1024, 1024),
         text_feat_dim=text_feat_dim,
         timestep_scale=1000.0,
     )

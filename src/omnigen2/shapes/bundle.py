@@ -1,0 +1,44 @@
+"""Assemble a miniature pipeline directory in the released layout from its trained parts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..models import OmniGen2Transformer2DModel
+from ..pipelines import OmniGen2Pipeline
+from ..schedulers import FlowMatchEulerDiscreteScheduler
+from .mini import image_processor_config, transformer_config
+
+
+def assemble(
+    out_dir: str | Path,
+    tokenizer,
+    mllm,
+    vae,
+    transformer: OmniGen2Transformer2DModel | None = None,
+    sampling_defaults: dict | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write ``out_dir`` (model_index.json, transformer/, vae/, scheduler/, mllm/, processor/).
+
+    Without ``transformer`` a fresh one (the miniature's config, sized to the MLLM) is initialised from
+    ``seed``: the base the diffusion training starts from."""
+    if transformer is None:
+        torch.manual_seed(seed)
+        transformer = OmniGen2Transformer2DModel(
+            **transformer_config(text_feat_dim=mllm.config.text_config.hidden_size)
+        )
+    pipe = OmniGen2Pipeline(
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(dynamic_time_shift=True),
+        mllm=mllm,
+        processor=tokenizer,
+    )
+    pipe._processor_files = {"preprocessor_config.json": json.dumps(image_processor_config(), indent=2).encode()}
+    pipe.sampling_defaults = dict(sampling_defaults or {})
+    pipe.save_pretrained(out_dir)
+    return Path(out_dir)
