@@ -113,6 +113,35 @@ def _add_export(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="benchmarks (ShapesBench)")
+    bench = p.add_subparsers(dest="benchmark", required=True)
+    s = bench.add_parser(
+        "shapes",
+        help="ShapesBench: judged text-to-image, editing and in-context cases of Shapes World",
+        description="Generate held-out Shapes World cases and score them with the judge (docs/SHAPES.md). "
+        "--model oracle renders the right answers (a self-check of the judge).",
+    )
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"pipeline directory, hub id or oracle ({DEFAULT_MODEL})")
+    s.add_argument("--n", type=int, default=60, help="cases per task, spread over its categories (default 60)")
+    s.add_argument("--tasks", default="t2i,edit,ic", help="comma-separated: t2i, edit, ic (default: all three)")
+    s.add_argument("--out", default="shapesbench", help="folder for report.json and samples.png")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    s.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    s.add_argument("--device", default=None, help="cpu | cuda | mps (default: cuda if available)")
+    s.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from .eval.shapesbench import evaluate_model
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    report = evaluate_model(args.model, args.n, tasks, args.out, args.seed, args.steps, args.device)
+    print(report.table())
+    print(f"wrote {Path(args.out) / 'report.json'} and {Path(args.out) / 'samples.png'}")
+    return 0
+
+
 def cmd_train(args) -> int:
     import logging
 
@@ -157,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_train(sub)
     _add_export(sub)
+    _add_eval(sub)
     return parser
 
 

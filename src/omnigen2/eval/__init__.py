@@ -1,0 +1,1 @@
+"""Benchmarks: ShapesBench (``omnigen2 eval shapes``)."""
