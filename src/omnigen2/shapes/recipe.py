@@ -1,0 +1,228 @@
+"""The recipe of the bundled Shapes model, the paper's way, with the project's own code.
+
+    python -m omnigen2.shapes.recipe --budget cpu --out runs/shapes        # ~2 h on 2 CPU cores
+    python -m omnigen2.shapes.recipe --budget gpu --out runs/shapes        # a lent GPU
+    python -m omnigen2.shapes.recipe --budget smoke --out /tmp/shapes      # minutes: checks the plumbing
+
+Stages (each skipped when its output exists, so an interrupted run continues):
+  1. data         Shapes World training cases (training seeds only) in the original jsonl format
+  2. tokenizer    byte-level BPE over the grammar, Qwen special tokens, chat template
+  3. vae          AutoencoderKL trained on rendered scenes (reconstruction error reported)
+  4. mllm         Qwen2.5-VL trained from scratch on understanding (captions, counting, color, position)
+  5. base         a pipeline directory: the frozen MLLM and VAE + a fresh transformer
+  6. transformer  text-to-image + editing + in-context with the project's trainer (omnigen2 train)
+  7. export       the final pipeline, EMA weights, recommended sampling settings in the checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Budget:
+    n_per_task: int  # training cases written per image task
+    n_understanding: int
+    vae_steps: int
+    vae_batch: int
+    mllm_steps: int
+    mllm_batch: int
+    transformer_steps: int
+    transformer_batch: int
+    transformer_lr: float = 1e-3
+
+
+BUDGETS = {
+    "smoke": Budget(16, 32, 4, 4, 4, 4, 4, 4),
+    "cpu": Budget(6000, 6000, 1500, 16, 1500, 32, 12000, 32),
+    "gpu": Budget(30000, 30000, 6000, 64, 6000, 64, 60000, 64, 2e-3),
+}
+SAMPLING = {
+    "num_inference_steps": 16,
+    "text_guidance_scale": 3.0,
+    "image_guidance_scale": 1.5,
+    "height": 64,
+    "width": 64,
+}
+
+
+def _scene_batch(step: int, batch: int) -> torch.Tensor:
+    """Random rendered scenes (inputs and targets of training cases) as (B, 3, 64, 64) in [-1, 1]."""
+    from .tasks import IMAGE_TASKS, cases
+
+    rng = random.Random(step)
+    images = []
+    while len(images) < batch:
+        task = rng.choice(list(IMAGE_TASKS))
+        (case,) = cases(task, 1, split="train", start=rng.randrange(10**7))
+        images += [case.render_target(), *case.input_images()]
+    arr = np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1 for im in images[:batch]])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2)
+
+
+def stage_data(out: Path, b: Budget) -> Path:
+    from .dataset import write_dataset
+
+    if not (out / "data" / "mix.yml").is_file():
+        write_dataset(out / "data", b.n_per_task, tasks=("t2i", "edit", "ic"))
+    if not (out / "data" / "understanding" / "records.jsonl").is_file():
+        write_dataset(out / "data", b.n_understanding, tasks=("understanding",))
+    return out / "data"
+
+
+def _corpus(data: Path):
+    from ..pipelines.pipeline_omnigen2 import SYSTEM_PROMPT
+    from .pretrain import UNDERSTANDING_SYSTEM_PROMPT
+
+    yield SYSTEM_PROMPT
+    yield UNDERSTANDING_SYSTEM_PROMPT
+    for path in data.glob("*/records.jsonl"):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            for key in ("instruction", "question", "answer"):
+                if rec.get(key):
+                    yield rec[key]
+
+
+def stage_tokenizer(out: Path, data: Path):
+    from transformers import AutoTokenizer
+
+    from .mini import build_tokenizer
+
+    path = out / "tokenizer"
+    if not (path / "tokenizer.json").is_file():
+        build_tokenizer(_corpus(data)).save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def stage_vae(out: Path, b: Budget):
+    from diffusers import AutoencoderKL
+
+    from .mini import VAE_CONFIG
+    from .pretrain import train_vae, vae_reconstruction_error
+
+    path = out / "vae"
+    if (path / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(path)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    train_vae(vae, lambda s: _scene_batch(s, b.vae_batch), b.vae_steps, lr=1e-3)
+    err = vae_reconstruction_error(vae, lambda s: _scene_batch(s, 16))
+    logger.info("vae reconstruction on held-out renders: L1 %.4f, MSE %.5f (pixels in [0, 1])", err["l1"], err["mse"])
+    vae.save_pretrained(path)
+    (path / "reconstruction.json").write_text(json.dumps(err))
+    return vae
+
+
+def stage_mllm(out: Path, data: Path, tokenizer, b: Budget):
+    from PIL import Image
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from .mini import image_processor_config, mllm_config
+    from .pretrain import UnderstandingBatcher, train_mllm
+
+    path = out / "mllm"
+    if (path / "config.json").is_file():
+        return Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    cfg = {k: v for k, v in image_processor_config().items() if k not in ("image_processor_type", "processor_class")}
+    batcher = UnderstandingBatcher(tokenizer, Qwen2VLImageProcessorPil(**cfg))
+    root = data / "understanding"
+    records = [json.loads(line) for line in (root / "records.jsonl").read_text().splitlines()]
+
+    def batch(step: int):
+        rng = random.Random(step)
+        picked = [records[rng.randrange(len(records))] for _ in range(b.mllm_batch)]
+        return batcher([(Image.open(root / r["image"]).convert("RGB"), r["question"], r["answer"]) for r in picked])
+
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(mllm_config(tokenizer))
+    train_mllm(model, batch, b.mllm_steps)
+    model.save_pretrained(path)
+    return model
+
+
+def stage_transformer(out: Path, data: Path, b: Budget, base: Path) -> Path:
+    from ..training import Trainer, config_from_dict
+
+    run = out / "transformer_run"
+    cfg = config_from_dict(
+        {
+            "model": {"pretrained": str(base)},
+            "data": {
+                "path": str(data / "mix.yml"),
+                "max_input_pixels": 4096,
+                "max_output_pixels": 4096,
+                "max_side_length": 64,
+                "prompt_dropout": 0.1,
+                "ref_image_dropout": 0.5,
+                "caption_prefix_drop": 0.0,
+                "check_images": False,
+            },
+            "train": {
+                "steps": b.transformer_steps,
+                "batch_size": b.transformer_batch,
+                "lr": b.transformer_lr,
+                "warmup_steps": min(500, b.transformer_steps // 10),
+                "schedule": "cosine",
+                "min_lr_ratio": 0.05,
+                "ema_decay": 0.999 if b.transformer_steps > 1000 else 0.9,
+            },
+            "output": {
+                "dir": str(run),
+                "save_every": max(1, b.transformer_steps // 10),
+                "keep_last": 2,
+                "log_every": 50,
+            },
+        }
+    )
+    (out / "transformer_config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    trainer = Trainer(cfg)
+    trainer.fit(resume="latest")
+    return run
+
+
+def run(out: Path, budget: str = "cpu", stages: tuple[str, ...] = ("all",)) -> Path:
+    from .bundle import assemble
+
+    b = BUDGETS[budget]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "budget.json").write_text(json.dumps({"budget": budget, **asdict(b)}, indent=2))
+    data = stage_data(out, b)
+    tokenizer = stage_tokenizer(out, data)
+    vae = stage_vae(out, b)
+    mllm = stage_mllm(out, data, tokenizer, b)
+    base = out / "base"
+    if not (base / "model_index.json").is_file():
+        assemble(base, tokenizer, mllm, vae, sampling_defaults=SAMPLING)
+    run_dir = stage_transformer(out, data, b, base)
+    from ..training import export
+
+    final = export(run_dir, out / "final", weights="ema", sampling_defaults=SAMPLING)
+    logger.info("bundled model written to %s", final)
+    return final
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m omnigen2.shapes.recipe", description=__doc__.split("\n")[0])
+    p.add_argument("--budget", choices=list(BUDGETS), default="cpu")
+    p.add_argument("--out", default="runs/shapes")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run(Path(args.out), args.budget)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
