@@ -71,7 +71,12 @@ class BenchResult:
 
 
 def _linear_macs(module: torch.nn.Module) -> int:
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
+    # nn.Linear and its quantized replacements (which keep in_features / out_features)
+    return sum(
+        m.in_features * m.out_features
+        for m in module.modules()
+        if hasattr(m, "in_features") and hasattr(m, "out_features") and not list(m.children())
+    )
 
 
 def _blocks_flops(blocks, seq_lens: list[int], rows: int, heads: int, head_dim: int, out_lens=None) -> float:

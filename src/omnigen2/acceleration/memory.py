@@ -14,8 +14,9 @@ Quantization (weight-only, of the transformer blocks' linear layers; embeddings,
 stay in full precision):
 
 - ``"int8"``  per-output-channel symmetric int8 weights. With torchao installed its ``Int8WeightOnlyConfig``;
-              otherwise :class:`Int8WeightOnlyLinear` (plain PyTorch: ``torch._weight_int8pack_mm`` where the
-              kernel exists, else dequantize-and-matmul). CPU and CUDA.
+              otherwise :class:`Int8WeightOnlyLinear` (plain PyTorch: ``torch._weight_int8pack_mm`` for bf16/fp16 on
+              CPU, else dequantize-and-matmul). CPU and CUDA. Saves weight memory (4x vs fp32); on CPU in
+              float32 it is not faster than full precision.
 - ``"fp8"``   torchao float8 weights with dynamic float8 activations; CUDA with compute capability >= 8.9
               (Hopper/Ada) only.
 """
@@ -79,7 +80,9 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # (N, in)
-        if x.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
+        # the packed int8 kernel is fast for bf16/fp16 activations on CPU, ~30x slower than a dequantized matmul
+        # for float32 ones (measured, torch 2.13): dequantize then
+        if x.device.type == "cpu" and x.dtype != torch.float32 and hasattr(torch, "_weight_int8pack_mm"):
             y = torch._weight_int8pack_mm(flat, self.weight_int8, self.scale.to(x.dtype))  # (N, out)
         else:
             y = F.linear(flat, self.weight_int8.to(x.dtype) * self.scale.to(x.dtype)[:, None])

@@ -162,7 +162,8 @@ class FeedForward(nn.Module):
         self.linear_3 = nn.Linear(dim, inner_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)) * self.linear_3(x))
+        # in place into silu's fresh output (silu's backward reads its input, not this buffer)
+        return self.linear_2(F.silu(self.linear_1(x)).mul_(self.linear_3(x)))
 
 
 class RMSNormZero(nn.Module):
@@ -209,10 +210,10 @@ class TransformerBlock(nn.Module):
             h, gate_msa, scale_mlp, gate_mlp = self.norm1(x), None, None, None
         attn_out = self.norm2(self.attn(h, segs, rope, out))  # (T_out, C)
         x = x if out is None else x[out[0]]
-        x = x + (attn_out if gate_msa is None else gate_msa.tanh() * attn_out)
+        x = x + attn_out if gate_msa is None else torch.addcmul(x, gate_msa.tanh(), attn_out)  # one pass
         h = self.ffn_norm1(x)
         mlp_out = self.ffn_norm2(self.feed_forward(h if scale_mlp is None else h * (1 + scale_mlp)))
-        return x + (mlp_out if gate_mlp is None else gate_mlp.tanh() * mlp_out)
+        return x + mlp_out if gate_mlp is None else torch.addcmul(x, gate_mlp.tanh(), mlp_out)
 
 
 class TimestepCaptionEmbedding(nn.Module):
