@@ -76,6 +76,67 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time the denoising loop with random weights",
+        description="Time one generation (per-step and end to end, peak memory, FLOP/s) of a transformer size "
+        "with random weights; nothing is downloaded.",
+    )
+    p.add_argument("--preset", choices=["tiny", "mid", "full"], default="mid", help="transformer size")
+    p.add_argument("--height", type=int, default=128)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--num-images", type=int, default=1, help="input (reference) images")
+    p.add_argument("--branches", type=int, choices=[1, 2, 3], default=3, help="guidance branches")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs (medians are reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--sequential-guidance", action="store_true", help="one transformer call per branch")
+    p.add_argument("--attention", choices=["auto", "sdpa", "math", "flash_varlen"], default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the joint blocks")
+    p.add_argument("--quantize", choices=["none", "int8", "fp8"], default="none")
+    p.add_argument("--offload", choices=["none", "model", "sequential", "group"], default="none")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--write", type=Path, default=None, metavar="MD", help="add the result to this markdown file")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from .bench import BenchConfig, format_result, record_markdown, run_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = BenchConfig(
+        preset=args.preset,
+        height=args.height,
+        width=args.width,
+        num_images=args.num_images,
+        branches=args.branches,
+        steps=args.steps,
+        device=args.device,
+        dtype=args.dtype,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        batch_guidance=not args.sequential_guidance,
+        attention=args.attention,
+        compile=args.compile,
+        quantize=args.quantize,
+        offload=args.offload,
+    )
+    result = run_bench(cfg)
+    print(format_result(result))
+    if args.write is not None:
+        record_markdown(
+            result, args.write, "omnigen2 bench " + " ".join(sys.argv[2:] if args.argv is None else args.argv)
+        )
+        print(f"wrote {args.write}")
+    return 0
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
@@ -187,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_export(sub)
     _add_eval(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -308,6 +370,7 @@ def cmd_generate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = None if argv is None else list(argv[1:])
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:

@@ -48,7 +48,7 @@ class ResidualModel:
     """Joint blocks add a fixed residual; the first block's modulation is the identity."""
 
     class _Norm:
-        def __call__(self, x, temb):
+        def __call__(self, x, temb, owner=None):
             return x, None, None, None
 
     class _Layer:

@@ -6,6 +6,11 @@ skip it together with the blocks. One cache object holds the state of one guidan
 generation (the original keeps one state per branch); the sampler tells it the step with ``begin_step``.
 Every cache also keeps the branch's refined text (the context refiner has no timestep input).
 
+A cache decides in two phases, so that several branches can share one packed transformer call
+(:class:`BranchCaches`): ``decide(modulated)`` says whether the joint blocks run this step (``modulated``:
+the first block's modulated input, given only to caches with ``wants_input``), and ``finish(hidden, out)``
+turns the blocks' output (``None`` when skipped) into the branch's joint output and updates the state.
+
 - :class:`NoCache` always computes.
 - :class:`TeaCache` (Liu et al. 2024) skips the joint blocks while the accumulated, polynomially rescaled
   relative L1 change of the first block's modulated input stays below ``rel_l1_thresh``, re-using the last
@@ -16,6 +21,7 @@ Every cache also keeps the branch's refined text (the context refiner has no tim
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,9 +46,36 @@ class NoCache:
     def begin_step(self, step: int, num_steps: int) -> None:
         self.step, self.num_steps = step, num_steps
 
-    def run(self, model, prepare: Callable, temb, layout) -> torch.Tensor:
+    wants_input = False  # whether decide() needs the first block's modulated input
+
+    def decide(self, modulated: torch.Tensor | None) -> bool:
+        return True
+
+    def finish(self, hidden: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
+        """``hidden``: the joint input at the rows the blocks return (when the input was prepared)."""
         self.computed_steps.append(self.step)
-        return model.run_layers(prepare(), temb, layout)
+        return out
+
+    def run(self, model, prepare: Callable, temb, layout) -> torch.Tensor:
+        """One branch: decide, run the joint blocks if asked, finish."""
+        hidden = prepare() if self.wants_input else None
+        modulated = first_block_input(model, hidden, temb, layout) if self.wants_input else None
+        out = None
+        if self.decide(modulated):
+            hidden = prepare() if hidden is None else hidden
+            out = model.run_layers(hidden, temb, layout)
+        return self.finish(None if hidden is None else output_rows(hidden, layout), out)
+
+
+def output_rows(hidden: torch.Tensor, layout) -> torch.Tensor:
+    """The rows of the joint stream that the joint blocks return (the target tokens)."""
+    return hidden if layout is None else hidden[layout.out_index]
+
+
+def first_block_input(model, hidden: torch.Tensor, temb, layout) -> torch.Tensor:
+    """What the first joint block sees: its modulated norm of the joint input, (T, C)."""
+    owner = layout.joint.segs.owner if layout is not None else None
+    return model.layers[0].norm1(hidden, temb, owner)[0]
 
 
 class TeaCache(NoCache):
@@ -63,26 +96,29 @@ class TeaCache(NoCache):
         self.previous_modulated = None
         self.previous_residual = None
 
-    def run(self, model, prepare, temb, layout):
+    wants_input = True
+
+    def decide(self, modulated):
         step, num_steps = self.step, self.num_steps
-        hidden = prepare()
-        modulated = model.layers[0].norm1(hidden, temb)[0]  # (B, S, C): what the first block sees
         if step in (0, num_steps - 1) or self.previous_modulated is None:
             compute, self.accumulated = True, 0.0
         else:
             prev = self.previous_modulated
             # The skip decision is made on the host, so this .item() is the one device sync of the cache.
+            # Means over the real tokens: the original's zero padding adds nothing to either sum.
             rel = ((modulated - prev).abs().mean() / prev.abs().mean()).item()
             self.accumulated += float(self.rescale(rel))
             compute = self.accumulated >= self.thresh
             if compute:
                 self.accumulated = 0.0
         self.previous_modulated = modulated
-        if not compute:
+        return compute
+
+    def finish(self, hidden, out):
+        if out is None:
             return hidden + self.previous_residual
-        out = model.run_layers(hidden, temb, layout)
         self.previous_residual = out - hidden
-        self.computed_steps.append(step)
+        self.computed_steps.append(self.step)
         return out
 
 
@@ -133,15 +169,77 @@ class TaylorSeer(NoCache):
             out = out + (1 / math.factorial(i)) * self.factors[i] * (x**i)
         return out
 
-    def run(self, model, prepare, temb, layout):
-        if self._full():
-            out = model.run_layers(prepare(), temb, layout)
+    def decide(self, modulated):
+        return self._full()
+
+    def finish(self, hidden, out):
+        if out is None:
+            out = self._predict()
+        else:
             self._update(out)
             self.computed_steps.append(self.step)
-        else:
-            out = self._predict()
         self.calls += 1
         return out
+
+
+class BranchCaches:
+    """The caches of several guidance branches evaluated in one packed transformer call.
+
+    The packed batch holds the branches' samples in order (``samples[b]`` samples for branch b). Each branch
+    keeps its own state and decisions, as if it ran alone: when every branch computes, the joint blocks run
+    once over the packed stream; when only some do (TeaCache), those run alone with their own ``layouts[b]``;
+    the refined text is stored per branch.
+    """
+
+    reuse_context = True
+
+    def __init__(self, caches: list, samples: list[int], layouts: list):
+        self.caches, self.samples, self.layouts = list(caches), list(samples), list(layouts)
+        self._layout = None
+
+    def begin_step(self, step: int, num_steps: int) -> None:
+        for c in self.caches:
+            c.begin_step(step, num_steps)
+
+    def _spans(self, lens: list[int]) -> list[tuple[int, int]]:
+        """Token range of each branch in a stream with per-sample lengths ``lens``."""
+        bounds = [0, *itertools.accumulate(self.samples)]
+        starts = [0, *itertools.accumulate(lens)]
+        return [(starts[a], starts[b]) for a, b in itertools.pairwise(bounds)]
+
+    @property
+    def context(self):
+        parts = [c.context for c in self.caches]
+        return None if any(p is None for p in parts) else torch.cat(parts)
+
+    @context.setter
+    def context(self, value):
+        for c, (a, b) in zip(self.caches, self._spans(self._layout.cap_lens)):
+            c.context = value[a:b]
+
+    def run(self, model, prepare, temb, layout):
+        self._layout = layout
+        spans, out_spans = self._spans(layout.seq_lens), self._spans(layout.img_lens)
+        wants = any(c.wants_input for c in self.caches)
+        hidden = prepare() if wants else None
+        modulated = first_block_input(model, hidden, temb, layout) if wants else None
+        flags = [c.decide(None if modulated is None else modulated[a:b]) for c, (a, b) in zip(self.caches, spans)]
+        outs = [None] * len(self.caches)
+        if any(flags):
+            hidden = prepare() if hidden is None else hidden
+            if all(flags):
+                out = model.run_layers(hidden, temb, layout)  # (T_out, C)
+                outs = [out[a:b] for a, b in out_spans]
+            else:
+                if temb.shape[0] != 1:
+                    raise ValueError("branches that compute apart must share one timestep")
+                outs = [
+                    model.run_layers(hidden[a:b], temb, lay) if f else None
+                    for f, (a, b), lay in zip(flags, spans, self.layouts)
+                ]
+        rows = None if hidden is None else output_rows(hidden, layout)
+        parts = [c.finish(None if rows is None else rows[a:b], o) for c, (a, b), o in zip(self.caches, out_spans, outs)]
+        return torch.cat(parts)
 
 
 @dataclass

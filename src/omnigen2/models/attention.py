@@ -1,17 +1,18 @@
 """Attention in one place: one function, an explicit backend, a clear error when a backend is missing.
 
-Every attention call of the OmniGen2 transformer goes through :func:`attention`. Sequences of different
-lengths share a padded batch; ``key_mask`` marks the real tokens. Padded keys never receive weight, so the
-outputs at real positions are those of each sequence alone. (Outputs at padded query positions are
-arbitrary and are never read.)
+Every attention call of the OmniGen2 transformer goes through :func:`varlen_attention`: sequences of
+different lengths are packed into one (T, H, D) stream (:class:`Segments` marks where each starts), and each
+attends only to itself. No compute is spent on padding. :func:`attention` is the same choice of kernels
+for a padded batch with a key mask (outputs at padded query positions are arbitrary).
 
 Backends
 --------
-``"sdpa"``          ``torch.nn.functional.scaled_dot_product_attention`` with a boolean key mask; PyTorch
-                    picks its flash / memory-efficient / math kernel.
+``"sdpa"``          ``torch.nn.functional.scaled_dot_product_attention``, one call per packed sequence
+                    (padded: one call with a boolean key mask); PyTorch picks its flash / memory-efficient /
+                    math kernel.
 ``"math"``          the plain softmax(QK^T)V in float32: the reference the others are checked against.
-``"flash_varlen"``  ``flash_attn.flash_attn_varlen_func`` over the unpadded tokens (CUDA, fp16/bf16); no
-                    compute is spent on padding.
+``"flash_varlen"``  ``flash_attn.flash_attn_varlen_func`` over the packed stream in one call (CUDA,
+                    fp16/bf16).
 ``"auto"``          ``flash_varlen`` when flash-attn is installed and the tensors are fp16/bf16 on CUDA,
                     otherwise ``sdpa``. Resolved per call from the tensors, never at import time.
 """
@@ -20,11 +21,25 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "sdpa", "math", "flash_varlen")
+
+
+@dataclass
+class Segments:
+    """Packed sequences: rows [cu_seqlens[i], cu_seqlens[i + 1]) of a (T, ...) stream form sequence i."""
+
+    lens: list[int]  # tokens per sequence, on the host (no device sync to split the stream)
+    cu_seqlens: torch.Tensor  # (N + 1,) int32 on the stream's device, as flash-attn takes it
+    owner: torch.Tensor  # (T,) long: the batch sample each token belongs to (per-sample modulation)
+
+    @property
+    def max_len(self) -> int:
+        return max(self.lens)
 
 
 def flash_attn_available() -> bool:
@@ -114,3 +129,41 @@ def _flash_varlen(q, k, v, key_mask, scale, seq_lens):
     out = q.new_zeros(b * s, hq, d)
     out[idx] = out_thd
     return out.view(b, s, hq, d)
+
+
+def varlen_attention(q, k, v, segs: Segments, backend: str = "auto", q_segs: Segments | None = None):
+    """Non-causal attention within each packed sequence.
+
+    Args:
+        q: (T_q, Hq, D) queries of all sequences, concatenated; k, v: (T, Hkv, D), Hq a multiple of Hkv.
+        segs: where each sequence's keys start and end.
+        backend: one of :data:`BACKENDS`.
+        q_segs: where each sequence's queries start and end, when only some rows ask (default: ``segs``).
+
+    Returns:
+        (T_q, Hq, D).
+    """
+    q_segs = segs if q_segs is None else q_segs
+    backend = resolve_backend(backend, q)
+    if backend == "flash_varlen":
+        from flash_attn import flash_attn_varlen_func  # imported only when this backend is asked for
+
+        # flash-attn takes grouped kv heads directly (the original repeats them: same result)
+        return flash_attn_varlen_func(
+            q,
+            k,
+            v,
+            q_segs.cu_seqlens,
+            segs.cu_seqlens,
+            q_segs.max_len,
+            segs.max_len,
+            dropout_p=0.0,
+            softmax_scale=q.shape[-1] ** -0.5,
+        )
+    if len(segs.lens) == 1:
+        return attention(q[None], k[None], v[None], None, backend)[0]
+    outs = [
+        attention(qs[None], ks[None], vs[None], None, backend)[0]  # (n, Hq, D): one sequence, no padding
+        for qs, ks, vs in zip(q.split(q_segs.lens), k.split(segs.lens), v.split(segs.lens))
+    ]
+    return torch.cat(outs)

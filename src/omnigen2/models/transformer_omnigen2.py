@@ -10,12 +10,17 @@ Data flow of one forward (shapes for batch B, hidden size C, patch p):
   4. joint       the joint blocks over the concatenated sequence, modulated by temb
   5. head        adaptive layer norm + projection, unpatchify the target image tokens
 
+Every stage runs on a packed ("varlen") stream: the real tokens of all samples concatenated into one (T, C)
+tensor, attention restricted to each sample's segment. No compute is spent on padding, and several guidance
+branches evaluate in one call (see :class:`SequenceLayout`).
+
 Caches (TeaCache, TaylorSeer) wrap stage 4 from outside (see ``omnigen2.acceleration``); the model code has
 one path.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +34,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 
-from .attention import attention, check_backend
+from .attention import Segments, check_backend, varlen_attention
 
 MAX_REF_IMAGES = 5  # rows of image_index_embedding in the released checkpoint
 
@@ -92,22 +97,25 @@ def get_freqs_cis(axes_dim, axes_lens, theta: float = 10000.0) -> list[torch.Ten
 
 
 def gather_rope(freqs_cis: list[torch.Tensor], pos_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Look up (cos, sin), each (B, S, head_dim // 2) float32, for integer positions (B, S, 3)."""
+    """Look up (cos, sin), each (..., head_dim // 2) float32, for integer positions (..., 3)."""
     parts = [table.to(pos_ids.device)[pos_ids[..., i].long()] for i, table in enumerate(freqs_cis)]
-    rot = torch.cat(parts, dim=-1)  # (B, S, D/2) complex128
+    rot = torch.cat(parts, dim=-1)  # (..., D/2) complex128
     return rot.real.float(), rot.imag.float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, S, H, D) by angles given as cos/sin (B, S, D/2).
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """(T, D/2) angles -> the (T, 1, D/2) complex64 rotations :func:`apply_rope` multiplies with (built once)."""
+    return torch.complex(cos, sin).unsqueeze(-2)
 
-    Computed in float32 (the original upcasts too) and cast back to x's dtype.
+
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (T, H, D) by the complex rotations ``rot`` (T, 1, D/2).
+
+    One complex64 product per pair, (re*c - im*s, re*s + im*c) in float32: the original's formula (it upcasts
+    to float32 too), in a single pass. Cast back to x's dtype.
     """
-    x_pairs = x.float().unflatten(-1, (-1, 2))  # (B, S, H, D/2, 2)
-    re, im = x_pairs.unbind(-1)  # (B, S, H, D/2) each
-    c, s = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, S, 1, D/2)
-    out = torch.stack((re * c - im * s, re * s + im * c), dim=-1)  # (B, S, H, D/2, 2)
-    return out.flatten(-2).to(x.dtype)  # (B, S, H, D)
+    x_c = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (T, H, D/2) complex64
+    return torch.view_as_real(x_c * rot).flatten(-2).to(x.dtype)  # (T, H, D)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -129,14 +137,16 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(heads * self.head_dim, dim, bias=False)])
         self.backend = "auto"
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], seq_lens=None):
-        b, s, _ = x.shape
-        q = self.norm_q(self.to_q(x).view(b, s, self.heads, self.head_dim))  # (B, S, H, D)
-        k = self.norm_k(self.to_k(x).view(b, s, self.kv_heads, self.head_dim))  # (B, S, Hkv, D)
-        v = self.to_v(x).view(b, s, self.kv_heads, self.head_dim)  # (B, S, Hkv, D)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v, mask, self.backend, seq_lens)  # (B, S, H, D)
-        return self.to_out[0](out.reshape(b, s, self.heads * self.head_dim))
+    def forward(self, x: torch.Tensor, segs: Segments, rope, out: tuple | None = None) -> torch.Tensor:
+        """x: (T, C) packed tokens; ``out`` = (rows, Stage of those rows): queries for those rows only."""
+        t = x.shape[0]
+        xq, rope_q, q_segs = (x, rope, segs) if out is None else (x[out[0]], out[1].rope, out[1].segs)
+        q = self.norm_q(self.to_q(xq).view(xq.shape[0], self.heads, self.head_dim))  # (T_q, H, D)
+        k = self.norm_k(self.to_k(x).view(t, self.kv_heads, self.head_dim))  # (T, Hkv, D)
+        v = self.to_v(x).view(t, self.kv_heads, self.head_dim)  # (T, Hkv, D)
+        q, k = apply_rope(q, rope_q), apply_rope(k, rope)
+        attn = varlen_attention(q, k, v, segs, self.backend, q_segs)  # (T_q, H, D)
+        return self.to_out[0](attn.reshape(xq.shape[0], self.heads * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -152,7 +162,8 @@ class FeedForward(nn.Module):
         self.linear_3 = nn.Linear(dim, inner_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)) * self.linear_3(x))
+        # in place into silu's fresh output (silu's backward reads its input, not this buffer)
+        return self.linear_2(F.silu(self.linear_1(x)).mul_(self.linear_3(x)))
 
 
 class RMSNormZero(nn.Module):
@@ -163,9 +174,16 @@ class RMSNormZero(nn.Module):
         self.linear = nn.Linear(min(dim, 1024), 4 * dim, bias=True)
         self.norm = nn.RMSNorm(dim, eps=eps)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor):
-        scale_msa, gate_msa, scale_mlp, gate_mlp = self.linear(F.silu(temb)).chunk(4, dim=1)  # 4 x (B, C)
-        return self.norm(x) * (1 + scale_msa[:, None]), gate_msa, scale_mlp, gate_mlp
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, owner: torch.Tensor | None = None):
+        """x: (T, C) packed tokens; temb: (1, C_t) shared by all tokens, or (B, C_t) with ``owner`` (T,) giving
+        each token's sample. Returns the modulated x and the three other (1 or B, C) modulation vectors."""
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.linear(F.silu(temb)).chunk(4, dim=-1)  # 4 x (B, C)
+        return self.norm(x) * (1 + per_token(scale_msa, owner)), gate_msa, scale_mlp, gate_mlp
+
+
+def per_token(v: torch.Tensor, owner: torch.Tensor | None) -> torch.Tensor:
+    """A (1, C) vector broadcasts over a packed stream; (B, C) per-sample vectors are gathered to (T, C)."""
+    return v if v.shape[0] == 1 else v[owner]
 
 
 class TransformerBlock(nn.Module):
@@ -181,16 +199,21 @@ class TransformerBlock(nn.Module):
         self.ffn_norm1 = nn.RMSNorm(dim, eps=norm_eps)
         self.ffn_norm2 = nn.RMSNorm(dim, eps=norm_eps)
 
-    def forward(self, x, mask, rope, temb=None, seq_lens=None):
+    def forward(self, x, segs: Segments, rope, temb=None, out=None):
+        """x: (T, C) packed tokens of the sequences in ``segs``; rope: (T, 1, D/2) rotations. ``out`` = (rows, Stage of
+        those rows): return only those rows (keys and values still see every token)."""
+        out_owner = segs.owner if out is None else out[1].segs.owner
         if self.modulation:
-            h, gate_msa, scale_mlp, gate_mlp = self.norm1(x, temb)
+            h, gate_msa, scale_mlp, gate_mlp = self.norm1(x, temb, segs.owner)
+            gate_msa, scale_mlp, gate_mlp = (per_token(v, out_owner) for v in (gate_msa, scale_mlp, gate_mlp))
         else:  # the context refiner: no timestep, unit gates
             h, gate_msa, scale_mlp, gate_mlp = self.norm1(x), None, None, None
-        attn_out = self.norm2(self.attn(h, mask, rope, seq_lens))
-        x = x + (attn_out if gate_msa is None else gate_msa.unsqueeze(1).tanh() * attn_out)
+        attn_out = self.norm2(self.attn(h, segs, rope, out))  # (T_out, C)
+        x = x if out is None else x[out[0]]
+        x = x + attn_out if gate_msa is None else torch.addcmul(x, gate_msa.tanh(), attn_out)  # one pass
         h = self.ffn_norm1(x)
-        mlp_out = self.ffn_norm2(self.feed_forward(h if scale_mlp is None else h * (1 + scale_mlp.unsqueeze(1))))
-        return x + (mlp_out if gate_mlp is None else gate_mlp.unsqueeze(1).tanh() * mlp_out)
+        mlp_out = self.ffn_norm2(self.feed_forward(h if scale_mlp is None else h * (1 + scale_mlp)))
+        return x + mlp_out if gate_mlp is None else torch.addcmul(x, gate_mlp.tanh(), mlp_out)
 
 
 class TimestepCaptionEmbedding(nn.Module):
@@ -203,8 +226,10 @@ class TimestepCaptionEmbedding(nn.Module):
         )
 
     def forward(self, timestep, text_hidden_states, dtype):
-        temb = self.timestep_embedder(self.time_proj(timestep).to(dtype))  # (B, min(C, 1024))
-        return temb, self.caption_embedder(text_hidden_states)  # (B, L, C)
+        return self.embed_time(timestep, dtype), self.caption_embedder(text_hidden_states)
+
+    def embed_time(self, timestep, dtype):
+        return self.timestep_embedder(self.time_proj(timestep).to(dtype))  # (B, min(C, 1024))
 
 
 class OutputNorm(nn.Module):
@@ -216,9 +241,9 @@ class OutputNorm(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
         self.linear_2 = nn.Linear(dim, out_dim, bias=True)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, owner: torch.Tensor | None = None) -> torch.Tensor:
         scale = self.linear_1(F.silu(temb).to(x.dtype))  # (B, C)
-        return self.linear_2(self.norm(x) * (1 + scale)[:, None, :])
+        return self.linear_2(self.norm(x) * (1 + per_token(scale, owner)))  # x: (T, C) packed tokens
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -227,8 +252,24 @@ class OutputNorm(nn.Module):
 
 
 @dataclass
+class Stage:
+    """One packed stage: its sequences and their RoPE rotations (T, 1, D/2) from :func:`rope_tables`."""
+
+    segs: Segments
+    rope: torch.Tensor
+
+
+@dataclass
 class SequenceLayout:
-    """Token counts, masks and RoPE angles of one batch. Step-invariant: build once per generation and branch."""
+    """Token counts, packing indices and RoPE tables of one batch. Step-invariant: build once per generation.
+
+    All stages are packed streams. The joint stream holds, per sample in order, [text | references | target];
+    the refiner stages hold the real text tokens, the distinct reference images and the distinct targets.
+    Samples may share a target or references (``img_groups`` / ``ref_groups`` of :func:`build_layout`: the
+    guidance branches of one image); a shared one is embedded and refined once. Its RoPE angles then come from
+    the first sample of the group; the refiners attend within one image, whose tokens share the first Omni-RoPE
+    axis, so the shift of that axis cancels in q.k and the refined tokens are the same for every sample.
+    """
 
     cap_lens: list[int]  # real text tokens per sample
     ref_sizes: list[list[tuple[int, int]]]  # per sample: latent (H, W) of each reference image
@@ -236,26 +277,35 @@ class SequenceLayout:
     img_sizes: list[tuple[int, int]]  # per sample: latent (H, W) of the target
     img_lens: list[int]
     seq_lens: list[int]  # text + references + target
-    text_len: int  # padded text length
-    text_mask: torch.Tensor  # (B, L) bool
-    img_mask: torch.Tensor  # (B, max img_len) bool
-    ref_mask: torch.Tensor | None  # (N_ref, max ref_len) bool, one row per reference image
-    joint_mask: torch.Tensor  # (B, max seq_len) bool
-    text_rope: tuple[torch.Tensor, torch.Tensor]
-    img_rope: tuple[torch.Tensor, torch.Tensor]
-    ref_rope: tuple[torch.Tensor, torch.Tensor] | None
-    joint_rope: tuple[torch.Tensor, torch.Tensor]
-    pos_ids: torch.Tensor  # (B, max seq_len, 3) Omni-RoPE positions (sequence/image id, row, col)
+    text_len: int  # padded text length of the input
+    text_index: torch.Tensor  # (T_txt,) rows of the flattened (B * L) text that are real tokens
+    text: Stage  # context refiner: one sequence per sample
+    img_rows: list[int]  # the sample whose latents each distinct target is taken from
+    img: Stage  # noise refiner: one sequence per distinct target
+    ref_items: list[tuple[int, int]]  # (sample, k) of each distinct reference image
+    ref_image_ids: torch.Tensor | None  # (T_ref,) k of the image each reference token belongs to
+    ref: Stage | None  # reference refiner: one sequence per distinct reference image
+    joint_index: torch.Tensor  # (T,) rows of cat([text, references, targets]) forming the joint stream
+    joint: Stage  # joint blocks: one sequence per sample
+    out_index: torch.Tensor  # (T_out,) joint rows of each sample's target tokens, samples in order
+    out: Stage  # the target tokens: the only rows of the last joint block that are read
+    pos_ids: list[torch.Tensor]  # per sample (seq_len, 3) Omni-RoPE positions (sequence/image id, row, col)
 
     @property
     def num_refs(self) -> int:
-        return sum(len(r) for r in self.ref_lens)
+        return len(self.ref_items)
 
 
 def _grid(h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     rows = torch.arange(h, device=device).repeat_interleave(w)  # (h*w,)
     cols = torch.arange(w, device=device).repeat(h)  # (h*w,)
     return rows, cols
+
+
+def make_segments(lens: list[int], owners: list[int], device) -> Segments:
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)  # (N + 1,)
+    owner = torch.tensor([o for o, n in zip(owners, lens) for _ in range(n)], dtype=torch.long, device=device)
+    return Segments(lens=list(lens), cu_seqlens=cu, owner=owner)
 
 
 def build_layout(
@@ -266,56 +316,92 @@ def build_layout(
     img_sizes: list[tuple[int, int]],
     patch_size: int,
     device: torch.device,
+    img_groups: list[int] | None = None,
+    ref_groups: list[int | None] | None = None,
 ) -> SequenceLayout:
-    """Omni-RoPE positions and masks for [text | references | target] per sample (sizes in latent pixels)."""
-    p = patch_size
+    """Omni-RoPE positions and packing for [text | references | target] per sample (sizes in latent pixels).
+
+    ``img_groups[i]`` / ``ref_groups[i]``: samples with equal ids share the same target latents / the same list
+    of reference latents (the caller guarantees it); each distinct one is refined once. Default: all distinct.
+    """
+    p, b = patch_size, len(cap_lens)
+    img_groups = list(range(b)) if img_groups is None else list(img_groups)
+    ref_groups = list(range(b)) if ref_groups is None else list(ref_groups)
     ref_lens = [[(h // p) * (w // p) for h, w in sizes] for sizes in ref_sizes]
     img_lens = [(h // p) * (w // p) for h, w in img_sizes]
     seq_lens = [c + sum(r) + i for c, r, i in zip(cap_lens, ref_lens, img_lens)]
-    b, max_seq = len(cap_lens), max(seq_lens)
 
-    pos = torch.zeros(b, max_seq, 3, dtype=torch.long, device=device)  # (B, S, 3) = (seq/image id, row, col)
+    pos_ids = []  # per sample (S_i, 3) = (seq/image id, row, col)
     for i in range(b):
         c = cap_lens[i]
-        pos[i, :c] = torch.arange(c, device=device)[:, None]  # text: (t, t, t)
+        pos = torch.zeros(seq_lens[i], 3, dtype=torch.long, device=device)
+        pos[:c] = torch.arange(c, device=device)[:, None]  # text: (t, t, t)
         shift, start = c, c
         for (h, w), n in zip(list(ref_sizes[i]) + [img_sizes[i]], ref_lens[i] + [img_lens[i]]):
             rows, cols = _grid(h // p, w // p, device)
-            pos[i, start : start + n, 0] = shift
-            pos[i, start : start + n, 1] = rows
-            pos[i, start : start + n, 2] = cols
+            pos[start : start + n, 0] = shift
+            pos[start : start + n, 1] = rows
+            pos[start : start + n, 2] = cols
             shift += max(h // p, w // p)
             start += n
+        pos_ids.append(pos)
+    all_pos = torch.cat(pos_ids)  # (T, 3)
     for axis, table in enumerate(freqs_cis):
-        top = int(pos[..., axis].max())  # host values: the layout is built once per generation
+        top = int(all_pos[:, axis].max())  # host values: the layout is built once per generation
         if top >= table.shape[0]:
             raise ValueError(
                 f"RoPE position {top} on axis {axis} exceeds axes_lens[{axis}] = {table.shape[0]} "
                 "(text tokens use positions (i, i, i) on all three axes): shorten the prompt or the images"
             )
-    cos, sin = gather_rope(freqs_cis, pos)  # (B, S, D/2) each
+    cos, sin = gather_rope(freqs_cis, all_pos)  # (T, D/2) each, the joint stream's angles
+    starts = [0, *itertools.accumulate(seq_lens)]
 
-    def pick(spans: list[tuple[int, int, int]], rows: int, width: int):
-        """Copy [start, start+n) of sample i's angles into row r, for (i, start, n) in spans."""
-        out_c = cos.new_zeros(rows, width, cos.shape[-1])
-        out_s = sin.new_zeros(rows, width, sin.shape[-1])
-        mask = torch.zeros(rows, width, dtype=torch.bool, device=device)
-        for r, (i, start, n) in enumerate(spans):
-            out_c[r, :n], out_s[r, :n], mask[r, :n] = cos[i, start : start + n], sin[i, start : start + n], True
-        return (out_c, out_s), mask
+    def stage(rows: list[int], lens: list[int], owners: list[int]) -> Stage:
+        idx = torch.tensor(rows, dtype=torch.long, device=device)
+        return Stage(make_segments(lens, owners, device), rope_tables(cos[idx], sin[idx]))
 
-    text_rope, text_mask = pick([(i, 0, cap_lens[i]) for i in range(b)], b, text_len)
-    img_rope, img_mask = pick([(i, cap_lens[i] + sum(ref_lens[i]), img_lens[i]) for i in range(b)], b, max(img_lens))
-    ref_spans = []
+    # Context refiner: each sample's real text tokens
+    text_rows = [starts[i] + j for i in range(b) for j in range(cap_lens[i])]
+    text_index = torch.tensor([i * text_len + j for i in range(b) for j in range(cap_lens[i])], device=device)
+    text = stage(text_rows, cap_lens, list(range(b)))
+
+    # Reference refiner: one sequence per distinct reference image, angles from the group's first sample
+    ref_items, ref_rows, ref_seq_lens, ref_owners, ref_ids, ref_offset = [], [], [], [], [], {}
     for i in range(b):
-        start = cap_lens[i]
-        for n in ref_lens[i]:
-            ref_spans.append((i, start, n))
-            start += n
-    ref_rope, ref_mask = (None, None)
-    if ref_spans:
-        ref_rope, ref_mask = pick(ref_spans, len(ref_spans), max(n for _, _, n in ref_spans))
-    joint_mask = torch.arange(max_seq, device=device)[None, :] < torch.tensor(seq_lens, device=device)[:, None]
+        if not ref_lens[i] or ref_groups[i] in ref_offset:
+            continue
+        ref_offset[ref_groups[i]] = sum(ref_seq_lens)
+        pos = starts[i] + cap_lens[i]
+        for k, n in enumerate(ref_lens[i]):
+            ref_items.append((i, k))
+            ref_rows += range(pos, pos + n)
+            ref_seq_lens.append(n)
+            ref_owners.append(i)
+            ref_ids += [k] * n
+            pos += n
+    ref = stage(ref_rows, ref_seq_lens, ref_owners) if ref_items else None
+    n_txt, n_ref = len(text_rows), len(ref_rows)
+
+    # Noise refiner: one sequence per distinct target
+    img_rows, img_rows_tok, img_offset = [], [], {}
+    for i in range(b):
+        if img_groups[i] not in img_offset:
+            img_offset[img_groups[i]] = len(img_rows_tok)
+            img_rows.append(i)
+            img_rows_tok += range(starts[i + 1] - img_lens[i], starts[i + 1])
+    img = stage(img_rows_tok, [img_lens[i] for i in img_rows], img_rows)
+
+    # Joint stream: rows of cat([text (T_txt), references (T_ref), targets (T_img)]) in [text | refs | target]
+    joint_rows, txt_pos = [], 0
+    for i in range(b):
+        joint_rows += range(txt_pos, txt_pos + cap_lens[i])
+        txt_pos += cap_lens[i]
+        if ref_lens[i]:
+            off = n_txt + ref_offset[ref_groups[i]]
+            joint_rows += range(off, off + sum(ref_lens[i]))
+        off = n_txt + n_ref + img_offset[img_groups[i]]
+        joint_rows += range(off, off + img_lens[i])
+    out_rows = [r for i in range(b) for r in range(starts[i + 1] - img_lens[i], starts[i + 1])]
     return SequenceLayout(
         cap_lens=list(cap_lens),
         ref_sizes=[list(s) for s in ref_sizes],
@@ -324,15 +410,18 @@ def build_layout(
         img_lens=img_lens,
         seq_lens=seq_lens,
         text_len=text_len,
-        text_mask=text_mask,
-        img_mask=img_mask,
-        ref_mask=ref_mask,
-        joint_mask=joint_mask,
-        text_rope=text_rope,
-        img_rope=img_rope,
-        ref_rope=ref_rope,
-        joint_rope=(cos, sin),
-        pos_ids=pos,
+        text_index=text_index,
+        text=text,
+        img_rows=img_rows,
+        img=img,
+        ref_items=ref_items,
+        ref_image_ids=torch.tensor(ref_ids, dtype=torch.long, device=device) if ref_items else None,
+        ref=ref,
+        joint_index=torch.tensor(joint_rows, dtype=torch.long, device=device),
+        joint=stage(list(range(starts[-1])), seq_lens, list(range(b))),
+        out_index=torch.tensor(out_rows, dtype=torch.long, device=device),
+        out=stage(out_rows, img_lens, list(range(b))),
+        pos_ids=pos_ids,
     )
 
 
@@ -434,10 +523,13 @@ class OmniGen2Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             self._freqs_cis = get_freqs_cis(self.config.axes_dim_rope, self.config.axes_lens)
         return self._freqs_cis
 
-    def build_layout(self, text_attention_mask, ref_sizes, img_sizes, freqs_cis=None, cap_lens=None):
-        """Layout for a batch; ``cap_lens`` (host ints) avoids reading the mask back from the device."""
+    def build_layout(
+        self, text_attention_mask, ref_sizes, img_sizes, freqs_cis=None, cap_lens=None, img_groups=None, ref_groups=None
+    ):
+        """Layout for a batch; ``cap_lens`` (host ints) avoids reading the mask back from the device.
+        ``img_groups`` / ``ref_groups``: see :func:`build_layout` (samples sharing their target / references)."""
         if cap_lens is None:
-            cap_lens = text_attention_mask.sum(dim=1).tolist()
+            cap_lens = [int(n) for n in text_attention_mask.sum(dim=1).tolist()]
         if len(ref_sizes) != len(img_sizes):
             raise ValueError(f"got reference images for {len(ref_sizes)} samples but {len(img_sizes)} latents")
         for i, sizes in enumerate(ref_sizes):
@@ -451,22 +543,20 @@ class OmniGen2Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             img_sizes,
             self.config.patch_size,
             text_attention_mask.device,
+            img_groups,
+            ref_groups,
         )
 
     # -- stages ---------------------------------------------------------------------------------------------
 
-    def patchify(self, images: list[torch.Tensor], rows: int | None = None) -> torch.Tensor:
-        """[(C, H, W)] -> zero-padded tokens (N, rows, p*p*C), channel fastest as in the released weights."""
+    def patchify(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """[(C, H, W)] -> packed tokens (sum h*w, p*p*C), channel fastest as in the released weights."""
         p = self.config.patch_size
         seqs = [
             img.unflatten(1, (-1, p)).unflatten(3, (-1, p)).permute(1, 3, 2, 4, 0).flatten(0, 1).flatten(1)
             for img in images
         ]  # each (h*w, p*p*C) from (C, h*p, w*p)
-        rows = rows or max(s.shape[0] for s in seqs)
-        out = seqs[0].new_zeros(len(seqs), rows, seqs[0].shape[1])
-        for i, s in enumerate(seqs):
-            out[i, : s.shape[0]] = s
-        return out
+        return torch.cat(seqs)
 
     def unpatchify(self, tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(h*w, p*p*C) -> (C, h*p, w*p)."""
@@ -475,65 +565,57 @@ class OmniGen2Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             tokens.view(h // p, w // p, p, p, self.out_channels).permute(4, 0, 2, 1, 3).reshape(self.out_channels, h, w)
         )
 
-    def embed(self, timestep, text_hidden_states, dtype):
-        """Stage 1: (temb, caption tokens)."""
-        return self.time_caption_embed(timestep, text_hidden_states, dtype)
+    def embed(self, timestep, dtype):
+        """Stage 1: temb, (B, C_t), or (1, C_t) when one timestep is given for the whole batch."""
+        return self.time_caption_embed.embed_time(timestep.reshape(-1), dtype)
 
-    def refine_context(self, text_tokens: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
-        """Stage 3a: the context refiner. It has no timestep input, so its output is step-invariant."""
+    def refine_context(self, text_hidden_states: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
+        """Stage 3a: caption embedding + context refiner over the real text tokens, (T_txt, C). Neither has a
+        timestep input, so the result is step-invariant."""
+        text = text_hidden_states.flatten(0, 1)[layout.text_index]  # (T_txt, text_feat_dim)
+        tokens = self.time_caption_embed.caption_embedder(text)  # (T_txt, C)
         for blk in self.context_refiner:
-            text_tokens = blk(text_tokens, layout.text_mask, layout.text_rope)
-        return text_tokens
+            tokens = self._block(blk, tokens, layout.text.segs, layout.text.rope)
+        return tokens
 
     def refine_images(self, latents, ref_latents, temb, layout: SequenceLayout):
-        """Stage 3b: embed + refine the target and the reference images. Returns (B, max img, C), (N_ref, max, C)."""
-        x = self.x_embedder(self.patchify(latents, max(layout.img_lens)))  # (B, max_img, C)
+        """Stage 3b: embed + refine the distinct targets and reference images: (T_img, C), (T_ref, C) or None."""
+        x = self.x_embedder(self.patchify([latents[i] for i in layout.img_rows]))  # (T_img, C)
         for blk in self.noise_refiner:
-            x = self._block(blk, x, layout.img_mask, layout.img_rope, temb)
+            x = self._block(blk, x, layout.img.segs, layout.img.rope, temb)
         refs = None
         if layout.num_refs:
-            flat = [r for sample in ref_latents for r in (sample or [])]
-            refs = self.ref_image_patch_embedder(self.patchify(flat, layout.ref_mask.shape[1]))  # (N_ref, max, C)
-            index = torch.tensor([j for r in layout.ref_lens for j in range(len(r))], device=refs.device)
-            refs = refs + self.image_index_embedding[index][:, None, :]  # tag the k-th image of each sample
-            owner = torch.tensor([i for i, r in enumerate(layout.ref_lens) for _ in r], device=temb.device)
-            ref_temb = temb[owner]  # (N_ref, C_t)
+            flat = [ref_latents[i][k] for i, k in layout.ref_items]
+            refs = self.ref_image_patch_embedder(self.patchify(flat))  # (T_ref, C)
+            refs = refs + self.image_index_embedding[layout.ref_image_ids]  # tag the k-th image of each sample
             for blk in self.ref_image_refiner:
-                refs = self._block(blk, refs, layout.ref_mask, layout.ref_rope, ref_temb)
+                refs = self._block(blk, refs, layout.ref.segs, layout.ref.rope, temb)
         return x, refs
 
     def assemble(self, text_tokens, img_tokens, ref_tokens, layout: SequenceLayout) -> torch.Tensor:
-        """Stage 3c: concatenate [text | references | target] per sample into (B, max seq, C), zero padded."""
-        b, c = len(layout.seq_lens), img_tokens.shape[-1]
-        joint = img_tokens.new_zeros(b, max(layout.seq_lens), c)
-        r = 0
-        for i in range(b):
-            pos = layout.cap_lens[i]
-            joint[i, :pos] = text_tokens[i, :pos]
-            for n in layout.ref_lens[i]:
-                joint[i, pos : pos + n] = ref_tokens[r, :n]
-                pos, r = pos + n, r + 1
-            joint[i, pos : pos + layout.img_lens[i]] = img_tokens[i, : layout.img_lens[i]]
-        return joint
+        """Stage 3c: the joint stream, [text | references | target] per sample, (T, C)."""
+        parts = [text_tokens] + ([ref_tokens] if ref_tokens is not None else []) + [img_tokens]
+        return torch.cat(parts)[layout.joint_index]
 
     def run_layers(self, hidden: torch.Tensor, temb: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
-        """Stage 4: the joint blocks. Step caches replace this call."""
-        for blk in self.layers:
-            hidden = self._block(blk, hidden, layout.joint_mask, layout.joint_rope, temb, layout.seq_lens)
-        return hidden
+        """Stage 4: the joint blocks over the packed stream (T, C) -> the target tokens (T_out, C). Only those
+        are read, so the last block computes queries, residual and MLP for them alone (exact: every row of a
+        block is computed independently of the others but for the keys and values, which still see all).
+        Step caches replace this call."""
+        *body, last = self.layers
+        for blk in body:
+            hidden = self._block(blk, hidden, layout.joint.segs, layout.joint.rope, temb)
+        return self._block(last, hidden, layout.joint.segs, layout.joint.rope, temb, (layout.out_index, layout.out))
 
     def head(self, hidden: torch.Tensor, temb: torch.Tensor, layout: SequenceLayout) -> list[torch.Tensor]:
-        """Stage 5: output norm + projection, then the target tokens of each sample back to (C, H, W)."""
-        hidden = self.norm_out(hidden, temb)  # (B, S, p*p*C_out)
-        return [
-            self.unpatchify(hidden[i, s - n : s], size)
-            for i, (s, n, size) in enumerate(zip(layout.seq_lens, layout.img_lens, layout.img_sizes))
-        ]
+        """Stage 5: output norm + projection of the target tokens (T_out, C), each sample back to (C, H, W)."""
+        out = self.norm_out(hidden, temb, layout.out.segs.owner)  # (T_out, p*p*C_out)
+        return [self.unpatchify(t, size) for t, size in zip(out.split(layout.img_lens), layout.img_sizes)]
 
-    def _block(self, blk, x, mask, rope, temb, seq_lens=None):
+    def _block(self, blk, x, segs, rope, temb=None, out=None):
         if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(blk, x, mask, rope, temb, seq_lens)
-        return blk(x, mask, rope, temb, seq_lens)
+            return self._gradient_checkpointing_func(blk, x, segs, rope, temb, out)
+        return blk(x, segs, rope, temb, out)
 
     def forward(
         self,
@@ -553,9 +635,11 @@ class OmniGen2Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         list of reference latents (C, H_k, W_k). Returns the predicted velocity (data - noise), same layout
         as the latents.
 
-        Beyond the original: ``layout`` (from :meth:`build_layout`) skips rebuilding masks and RoPE angles;
-        ``step_cache`` (see ``omnigen2.acceleration``) holds one guidance branch's state across the steps of a
-        generation: it reuses the refined text and may replace the joint blocks (TeaCache, TaylorSeer)."""
+        Beyond the original: a timestep of shape (1,) applies to every sample; ``layout`` (from
+        :meth:`build_layout`) skips rebuilding the packing and RoPE tables, and may declare samples that share
+        their target or references (the guidance branches of one image: refined once); ``step_cache`` (see
+        ``omnigen2.acceleration``) holds the state of guidance branches across the steps of a generation: it
+        reuses the refined text and may replace the joint blocks (TeaCache, TaylorSeer)."""
         lora_scale = (attention_kwargs or {}).get("scale", 1.0)
         if USE_PEFT_BACKEND:
             scale_lora_layers(self, lora_scale)
@@ -569,12 +653,14 @@ class OmniGen2Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             )
         cache = step_cache if step_cache is not None else _NO_CACHE
 
-        # 1. Condition: timestep and caption embeddings
-        temb, text_tokens = self.embed(timestep, text_hidden_states, latents[0].dtype)
+        # 1. Condition: timestep embedding (the caption embedding is step-invariant: stage 3a)
+        temb = self.embed(timestep, latents[0].dtype)
 
         # 2-3. Refine text and images, assemble [text | references | target] (called lazily: a cache may skip it)
         def prepare() -> torch.Tensor:
-            context = cache.context if cache.context is not None else self.refine_context(text_tokens, layout)
+            context = cache.context
+            if context is None:
+                context = self.refine_context(text_hidden_states, layout)
             if cache.reuse_context:
                 cache.context = context  # no timestep input: the same at every step of this branch
             img, ref_tokens = self.refine_images(latents, refs, temb, layout)

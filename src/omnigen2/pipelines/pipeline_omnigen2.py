@@ -23,6 +23,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..acceleration import CacheConfig
+from ..acceleration.caches import BranchCaches
 from ..images import check_image
 from ..models.transformer_omnigen2 import MAX_REF_IMAGES, OmniGen2Transformer2DModel, SequenceLayout
 from ..schedulers import make_scheduler
@@ -74,6 +75,9 @@ class OmniGen2Pipeline(DiffusionPipeline):
         self.image_processor = OmniGen2ImageProcessor(vae_scale_factor=math.lcm(2 * self.vae_scale_factor, patch))
         self.default_sample_size = 128
         self.cache_config = CacheConfig()
+        # Evaluate the guidance branches of a step in one packed transformer call (False: one call per branch,
+        # as the original; same results within float rounding).
+        self.batch_guidance = True
         self.sampling_defaults: dict[str, Any] = {}
         self._processor_files: dict[str, bytes] = {}  # processor/ files the tokenizer does not write itself
         self._model_index_extra: dict[str, Any] = {}
@@ -264,21 +268,65 @@ class OmniGen2Pipeline(DiffusionPipeline):
 
     # -- one denoiser evaluation ----------------------------------------------------------------------------
 
-    def _predict(self, branch: Branch, latents: torch.Tensor, t: torch.Tensor, step: int, num_steps: int):
-        """One transformer evaluation for a guidance branch (through ``forward``, so offload hooks apply)."""
-        timestep = t.expand(latents.shape[0]).to(latents.dtype)  # (B,)
-        branch.cache.begin_step(step, num_steps)
-        return self.transformer(
-            latents,
+    def _predict(self, branches: list[Branch], latents, t, step: int, num_steps: int, packs: dict):
+        """The velocity of each guidance branch, [(B, C, h, w)], through the transformer's ``forward`` (offload
+        hooks apply): one packed call for all branches, or one call per branch without ``batch_guidance``."""
+        timestep = t.reshape(1).to(latents.dtype)  # (1,): one timestep for every sample
+        for b in branches:
+            b.cache.begin_step(step, num_steps)
+        if not self.batch_guidance or len(branches) == 1:
+            return [
+                self.transformer(
+                    latents,
+                    timestep,
+                    b.text,
+                    None,
+                    b.mask,
+                    b.refs,
+                    attention_kwargs=self._attention_kwargs,
+                    layout=b.layout,
+                    step_cache=b.cache,
+                )
+                for b in branches
+            ]
+        key = tuple(b.name for b in branches)
+        if key not in packs:
+            packs[key] = self._pack(branches, latents)
+        text, mask, refs, layout, cache = packs[key]
+        n = latents.shape[0]
+        out = self.transformer(
+            [x for _ in branches for x in latents],
             timestep,
-            branch.text,
+            text,
             None,
-            branch.mask,
-            branch.refs,
+            mask,
+            refs,
             attention_kwargs=self._attention_kwargs,
-            layout=branch.layout,
-            step_cache=branch.cache,
-        )  # (B, C, h, w)
+            layout=layout,
+            step_cache=cache,
+        )  # [(C, h, w)] * (branches * B)
+        return [torch.stack(out[k * n : (k + 1) * n]) for k in range(len(branches))]
+
+    def _pack(self, branches: list[Branch], latents):
+        """Inputs, layout and caches of one packed call over ``branches`` (built once per generation). Every
+        branch's sample j shares the latents of sample j, and the branches with references share them."""
+        n, length = latents.shape[0], max(b.text.shape[1] for b in branches)
+        text = latents.new_zeros(len(branches) * n, length, branches[0].text.shape[-1], dtype=branches[0].text.dtype)
+        mask = torch.zeros(len(branches) * n, length, dtype=torch.bool, device=text.device)
+        for k, b in enumerate(branches):
+            text[k * n : (k + 1) * n, : b.text.shape[1]] = b.text
+            mask[k * n : (k + 1) * n, : b.mask.shape[1]] = b.mask
+        refs = [r for b in branches for r in b.refs]
+        layout = self.transformer.build_layout(
+            mask,
+            [[tuple(r.shape[-2:]) for r in (s or [])] for s in refs],
+            [tuple(latents.shape[-2:])] * len(refs),
+            cap_lens=[c for b in branches for c in b.layout.cap_lens],
+            img_groups=[j for _ in branches for j in range(n)],
+            ref_groups=[j for _ in branches for j in range(n)],
+        )
+        cache = BranchCaches([b.cache for b in branches], [n] * len(branches), [b.layout for b in branches])
+        return text, mask, refs, layout, cache
 
     def _branch(self, name, text, mask, refs, latents, cache_config: CacheConfig) -> Branch:
         model = self.transformer
@@ -424,20 +472,23 @@ class OmniGen2Pipeline(DiffusionPipeline):
 
         # 5. Denoising loop (no host syncs: guidance choices depend only on the step index)
         vae_dtype = self.vae.dtype
+        packs: dict = {}  # packed inputs per set of active branches, built at first use
         with self.progress_bar(total=len(steps)) as progress:
             for i, t in enumerate(steps):
                 in_range = cfg_range[0] <= i / len(steps) <= cfg_range[1]
                 tgs = text_guidance_scale if in_range else 1.0
                 igs = image_guidance_scale if in_range else 1.0
-                pred = self._predict(cond, latents, t, i, len(steps))
                 if tgs > 1.0 and igs > 1.0:
-                    pred_ref = self._predict(ref_branch, latents, t, i, len(steps))
-                    pred_uncond = self._predict(uncond, latents, t, i, len(steps))
+                    pred, pred_ref, pred_uncond = self._predict(
+                        [cond, ref_branch, uncond], latents, t, i, len(steps), packs
+                    )
                     # The original's order of operations, kept for bitwise-close parity.
                     pred = pred_uncond + igs * (pred_ref - pred_uncond) + tgs * (pred - pred_ref)
                 elif tgs > 1.0:
-                    pred_uncond = self._predict(uncond, latents, t, i, len(steps))
+                    pred, pred_uncond = self._predict([cond, uncond], latents, t, i, len(steps), packs)
                     pred = pred_uncond + tgs * (pred - pred_uncond)
+                else:
+                    (pred,) = self._predict([cond], latents, t, i, len(steps), packs)
                 latents = sched.step(pred, t, latents, return_dict=False)[0].to(vae_dtype)
                 if callback_on_step_end is not None:
                     out = callback_on_step_end(self, i, t, {"latents": latents}) or {}
