@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -75,6 +76,12 @@ class Trainer:
         # Some steps leave modules unused (no reference images: the reference refiner): DDP must allow it.
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
         # Without CUDA, cpu=True makes a multi-process launch use gloo (MULTI_CPU) instead of one lone process.
+        # accelerate runs FSDP on CUDA devices only: say so instead of silently training unsharded copies.
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") and not torch.cuda.is_available():
+            raise RuntimeError(
+                "FSDP was requested but no CUDA device is available; on CPU use DDP "
+                "(accelerate launch --multi_gpu --num_processes N)"
+            )
         self.acc = accelerator or Accelerator(
             mixed_precision=mp, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available()
         )
@@ -347,6 +354,12 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             logger.info("%s", self.data.report())
+            logger.info(
+                "accelerate: %s, %d process(es), mixed precision %s",
+                self.acc.distributed_type,
+                self.acc.num_processes,
+                self.acc.mixed_precision,
+            )
         end = cfg.train.steps if max_steps is None else min(cfg.train.steps, self.step + max_steps)
         writer = self._tensorboard() if main and cfg.output.tensorboard else None
         bar = tqdm(total=cfg.train.steps, initial=self.step, disable=not main, desc="train", dynamic_ncols=True)
