@@ -128,7 +128,7 @@ VAE_CONFIG = dict(
 )
 
 
-def transformer_config(text_feat_dim: int = 128, hidden: int = 192, layers: int = 6) -> dict:
+def transformer_config(text_feat_dim: int = 128, hidden: int = 160, layers: int = 6) -> dict:
     heads = hidden // 32
     return dict(
         patch_size=2,
