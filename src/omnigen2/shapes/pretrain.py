@@ -31,6 +31,23 @@ def _lr(step: int, steps: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def _fit(module, loss_at: Callable[[int], torch.Tensor], steps: int, opt, sched, name: str, log_every: int):
+    """The shared loop: loss, backward, clip at 1.0, AdamW step, schedule step; returns the loss history."""
+    history = []
+    bar = tqdm(range(steps), desc=name, dynamic_ncols=True)
+    for step in bar:
+        loss = loss_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        history.append(loss.item())
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{history[-1]:.4f}")
+    return history
+
+
 def train_vae(
     vae,
     batch: Callable[[int], torch.Tensor],
@@ -47,21 +64,14 @@ def train_vae(
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, steps, warmup))
     vae.train()
-    history = []
-    bar = tqdm(range(steps), desc="vae", dynamic_ncols=True)
-    for step in bar:
+
+    def loss_at(step: int) -> torch.Tensor:
         x = batch(step)
         dist = vae.encode(x).latent_dist
         rec = vae.decode(dist.sample()).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * dist.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        history.append(loss.item())
-        if step % log_every == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        return F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * dist.kl().mean()
+
+    history = _fit(vae, loss_at, steps, opt, sched, "vae", log_every)
     vae.eval()
     with torch.no_grad():
         z = torch.cat([vae.encode(batch(10**6 + k)).latent_dist.mode() for k in range(8)])
@@ -125,19 +135,8 @@ def train_mllm(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, steps, warmup))
     model.train()
-    history, t0 = [], time.perf_counter()
-    bar = tqdm(range(steps), desc="mllm", dynamic_ncols=True)
-    for step in bar:
-        inputs = batch(step)
-        loss = model(**inputs).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        history.append(loss.item())
-        if step % log_every == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+    t0 = time.perf_counter()
+    history = _fit(model, lambda step: model(**batch(step)).loss, steps, opt, sched, "mllm", log_every)
     model.eval()
     logger.info("mllm: %d steps in %.0fs", steps, time.perf_counter() - t0)
     return history
