@@ -107,6 +107,25 @@ class OmniGen2Pipeline(DiffusionPipeline):
         save_pipeline(self, save_directory, max_shard_size=max_shard_size)
 
     @property
+    def domain(self) -> str | None:
+        """What the checkpoint was trained on, when it says so (the bundled model: "shapes")."""
+        return self._model_index_extra.get("omnigen2_domain")
+
+    def _check_domain(self, prompts: list[str]) -> None:
+        if self.domain != "shapes":
+            return
+        from ..shapes.grammar import in_grammar
+
+        outside = [p for p in prompts if not in_grammar(p)]
+        if outside:
+            warnings.warn(
+                f"the bundled model only knows the Shapes World (docs/SHAPES.md); {outside[0]!r} is outside its "
+                "grammar, so expect an arbitrary arrangement of shapes. For general prompts load the released "
+                "weights: OmniGen2Pipeline.from_pretrained('OmniGen2/OmniGen2') or --model OmniGen2/OmniGen2",
+                stacklevel=3,
+            )
+
+    @property
     def tokenizer(self):
         return getattr(self.processor, "tokenizer", self.processor)
 
@@ -403,6 +422,7 @@ class OmniGen2Pipeline(DiffusionPipeline):
             if prompt is None:
                 raise ValueError("give a prompt (or prompt_embeds)")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            self._check_domain(prompts)
             prompt_embeds, prompt_attention_mask = self.encode_text(prompts, max_sequence_length, device)
         batch = prompt_embeds.shape[0]
         use_text_cfg = text_guidance_scale > 1.0
