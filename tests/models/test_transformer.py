@@ -165,3 +165,10 @@ def test_positions_beyond_rope_tables_are_refused(tiny):
     mask = torch.ones(1, 1030, dtype=torch.long)
     with pytest.raises(ValueError, match="exceeds axes_lens"):
         tiny.build_layout(mask, [[]], [(8, 8)])
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        OmniGen2Transformer2DModel.from_preset("tiny", num_attention_heads=5, num_kv_heads=2, hidden_size=80)
+    with pytest.raises(ValueError, match="sum\\(axes_dim_rope\\)"):
+        OmniGen2Transformer2DModel.from_preset("tiny", axes_dim_rope=(4, 4, 4))

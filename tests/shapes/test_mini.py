@@ -85,3 +85,21 @@ def test_mllm_learns_a_question(tokenizer, image_processor):
     assert np.mean(history[-5:]) < 0.5 * np.mean(history[:5])
     reply = answer(model, batcher, scene(random.Random(5))[0], "what color is the circle?")
     assert isinstance(reply, str)
+
+
+@pytest.mark.parametrize("hidden", [128, 160, 192])
+def test_transformer_config_builds_and_runs(hidden):
+    from omnigen2 import OmniGen2Transformer2DModel
+    from omnigen2.shapes.mini import transformer_config
+
+    model = OmniGen2Transformer2DModel(**transformer_config(hidden=hidden))
+    x = torch.randn(2, 4, 16, 16)
+    out = model(
+        x,
+        torch.tensor([0.3, 0.7]),
+        torch.randn(2, 5, 128),
+        None,
+        torch.ones(2, 5, dtype=torch.long),
+        [None, [torch.randn(4, 16, 16)]],
+    )
+    assert out.shape == x.shape

@@ -457,6 +457,10 @@ class OmniGen2Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         timestep_scale: float = 1.0,
     ):
         super().__init__()
+        if num_attention_heads % num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({num_attention_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+            )
         if hidden_size // num_attention_heads != sum(axes_dim_rope):
             raise ValueError(
                 f"hidden_size // num_attention_heads ({hidden_size // num_attention_heads}) must equal "

@@ -129,7 +129,7 @@ VAE_CONFIG = dict(
 
 
 def transformer_config(text_feat_dim: int = 128, hidden: int = 160, layers: int = 6) -> dict:
-    heads = hidden // 32
+    heads = hidden // 32  # head dim 32 = the RoPE axes 8 + 12 + 12
     return dict(
         patch_size=2,
         in_channels=4,
@@ -137,7 +137,7 @@ def transformer_config(text_feat_dim: int = 128, hidden: int = 160, layers: int 
         num_layers=layers,
         num_refiner_layers=1,
         num_attention_heads=heads,
-        num_kv_heads=max(1, heads // 2),
+        num_kv_heads=heads // 2 if heads % 2 == 0 else heads,  # grouped queries need heads % kv_heads == 0
         multiple_of=32,
         axes_dim_rope=(8, 12, 12),
         axes_lens=(1024, 1024, 1024),
