@@ -128,7 +128,7 @@ VAE_CONFIG = dict(
 )
 
 
-def transformer_config(text_feat_dim: int = 128, hidden: int = 160, layers: int = 6) -> dict:
+def transformer_config(text_feat_dim: int = 128, hidden: int = 128, layers: int = 6) -> dict:
     heads = hidden // 32  # head dim 32 = the RoPE axes 8 + 12 + 12
     return dict(
         patch_size=2,
