@@ -15,9 +15,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..pipelines.pipeline_omnigen2 import SYSTEM_PROMPT
+
 logger = logging.getLogger(__name__)
 
-UNDERSTANDING_SYSTEM_PROMPT = "You are a helpful assistant."
+# The original chat pipeline uses the generation system prompt for every turn, understanding included.
+UNDERSTANDING_SYSTEM_PROMPT = SYSTEM_PROMPT
 
 
 def image_placeholder(index: int, num_tokens: int) -> str:

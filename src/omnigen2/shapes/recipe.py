@@ -85,13 +85,11 @@ def stage_data(out: Path, b: Budget) -> Path:
 
 def _corpus(data: Path):
     from ..pipelines.pipeline_omnigen2 import SYSTEM_PROMPT
-    from .pretrain import UNDERSTANDING_SYSTEM_PROMPT
 
     # The system prompts open every sequence: weigh them so that BPE merges their words into single tokens
     # (shorter sequences are cheaper to train on).
     for _ in range(1000):
         yield SYSTEM_PROMPT
-        yield UNDERSTANDING_SYSTEM_PROMPT
     for path in data.glob("*/records.jsonl"):
         for line in path.read_text().splitlines():
             rec = json.loads(line)
