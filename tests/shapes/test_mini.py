@@ -58,7 +58,7 @@ def test_vae_learns_to_reconstruct():
     torch.manual_seed(0)
     vae = AutoencoderKL(**{**VAE_CONFIG, "block_out_channels": (8, 16, 16), "norm_num_groups": 8})
     before = vae_reconstruction_error(vae, batch, n=2)["mse"]
-    train_vae(vae, batch, steps=12, lr=3e-3, warmup=2)
+    train_vae(vae, batch, steps=25, lr=3e-3, warmup=2)
     after = vae_reconstruction_error(vae, batch, n=2)["mse"]
     assert after < 0.5 * before
     assert vae.config.scaling_factor > 0 and vae.config.shift_factor is not None
@@ -93,13 +93,25 @@ def test_transformer_config_builds_and_runs(hidden):
     from omnigen2.shapes.mini import transformer_config
 
     model = OmniGen2Transformer2DModel(**transformer_config(hidden=hidden))
-    x = torch.randn(2, 4, 16, 16)
+    x = torch.randn(2, 8, 16, 16)  # the miniature VAE's 8 latent channels
     out = model(
         x,
         torch.tensor([0.3, 0.7]),
         torch.randn(2, 5, 128),
         None,
         torch.ones(2, 5, dtype=torch.long),
-        [None, [torch.randn(4, 16, 16)]],
+        [None, [torch.randn(8, 16, 16)]],
     )
     assert out.shape == x.shape
+
+
+def test_edge_weights():
+    from omnigen2.shapes.pretrain import edge_weights
+
+    x = -torch.ones(1, 3, 16, 16)
+    x[:, :, 6:10, 6:10] = 1.0  # a 4x4 square
+    w = edge_weights(x, 4.0)
+    assert w.shape == (1, 1, 16, 16)
+    assert w[0, 0, 0, 0] == 1 and w[0, 0, 15, 15] == 1  # flat background
+    assert w[0, 0, 5, 7] == 5 and w[0, 0, 6, 6] == 5  # next to and on the square's border
+    assert w[0, 0, 2, 2] == 1

@@ -73,6 +73,26 @@ def _scene_batch(step: int, batch: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2)
 
 
+@torch.no_grad()
+def vae_judge_pass_rate(vae, n_per_task: int = 40) -> float:
+    """The fraction of held-out canonical targets that the judge still reads correctly after a VAE round trip:
+    the ceiling any generator decoding through this VAE can reach."""
+    from PIL import Image
+
+    from . import judge
+    from .tasks import IMAGE_TASKS, cases
+
+    passed = total = 0
+    for task in IMAGE_TASKS:
+        for case in cases(task, n_per_task, split="eval"):
+            x = torch.from_numpy(np.asarray(case.render_target(), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+            rec = vae.decode(vae.encode(x[None]).latent_dist.mode()).sample.clamp(-1, 1)[0]
+            img = Image.fromarray(((rec.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8))
+            passed += judge.check(case, img, case.input_images()).passed
+            total += 1
+    return passed / total
+
+
 def stage_data(out: Path, b: Budget) -> Path:
     from .dataset import write_dataset
 
@@ -122,7 +142,16 @@ def stage_vae(out: Path, b: Budget):
     vae = AutoencoderKL(**VAE_CONFIG)
     train_vae(vae, lambda s: _scene_batch(s, b.vae_batch), b.vae_steps, lr=1e-3)
     err = vae_reconstruction_error(vae, lambda s: _scene_batch(s, 16))
-    logger.info("vae reconstruction on held-out renders: L1 %.4f, MSE %.5f (pixels in [0, 1])", err["l1"], err["mse"])
+    err["judge_pass_rate"] = vae_judge_pass_rate(vae)
+    logger.info(
+        "vae reconstruction on held-out renders: L1 %.4f, MSE %.5f (pixels in [0, 1]); the judge reads "
+        "%.1f%% of round trips of canonical targets correctly",
+        err["l1"],
+        err["mse"],
+        100 * err["judge_pass_rate"],
+    )
+    if err["judge_pass_rate"] < 0.99:
+        logger.warning("the VAE loses details the judge needs: the generator cannot score higher than this")
     vae.save_pretrained(path)
     (path / "reconstruction.json").write_text(json.dumps(err))
     return vae
