@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, field
 import PIL.Image
 import torch
 
+from .loading import parse_dtype
 from .models.transformer_omnigen2 import PRESETS, OmniGen2Transformer2DModel, SequenceLayout
 
 # Bytes per parameter of each dtype, for the memory guard of the full-size model.
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -122,7 +122,7 @@ def transformer_flops(model: OmniGen2Transformer2DModel, layout: SequenceLayout,
 def _check_memory(cfg: BenchConfig) -> None:
     if cfg.preset != "full":
         return
-    need = 4.0e9 * _DTYPES[cfg.dtype].itemsize * 1.3  # ~4B parameters + activations and workspace
+    need = 4.0e9 * parse_dtype(cfg.dtype).itemsize * 1.3  # ~4B parameters + activations and workspace
     if cfg.device.startswith("cuda"):
         have = torch.cuda.get_device_properties(torch.device(cfg.device)).total_memory
     else:
@@ -146,7 +146,7 @@ def build_bench_pipeline(cfg: BenchConfig):
     from .schedulers import make_scheduler
 
     _check_memory(cfg)
-    dtype = _DTYPES[cfg.dtype]
+    dtype = parse_dtype(cfg.dtype)
     torch.manual_seed(cfg.seed)
     with torch.device("meta" if cfg.preset == "full" else "cpu"):
         transformer = OmniGen2Transformer2DModel.from_preset(cfg.preset)
@@ -220,7 +220,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         raise ValueError("3 guidance branches (text + image) need at least one input image")
     pipe = build_bench_pipeline(cfg)
     model = pipe.transformer
-    dtype = _DTYPES[cfg.dtype]
+    dtype = parse_dtype(cfg.dtype)
     kwargs = bench_inputs(cfg, model.config.text_feat_dim, model.config.in_channels, cfg.device, dtype)
     stamps: list[float] = []
 

@@ -218,16 +218,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    import yaml
 
     from .training import export
+    from .training.config import apply_overrides
 
-    defaults = {}
-    for item in args.sampling:
-        if "=" not in item:
-            raise ValueError(f"--sampling expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        defaults[k] = yaml.safe_load(v)
+    defaults = apply_overrides({}, args.sampling)  # KEY=VALUE, values read as YAML, as `train --set`
     out = export(
         args.checkpoint,
         args.output,
