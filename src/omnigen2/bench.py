@@ -30,11 +30,13 @@ from .models.transformer_omnigen2 import PRESETS, OmniGen2Transformer2DModel, Se
 @dataclass
 class BenchConfig:
     preset: str = "mid"  # transformer size: tiny | mid | full (random weights)
-    height: int = 128
-    width: int = 128
+    model: str | None = None  # a real pipeline (directory, hub id, builtin:NAME) instead of a random preset
+    prompt: str = "a red circle above a blue square"  # the prompt of a real pipeline's timed call
+    height: int | None = 128  # None: the model's recommended size (--model only)
+    width: int | None = 128
     num_images: int = 1  # input (reference) images
     branches: int = 3  # guidance branches: 1 (none), 2 (text), 3 (text + image; needs num_images >= 1)
-    steps: int = 6
+    steps: int | None = 6  # None: the model's recommended steps (--model only)
     device: str = "cpu"
     dtype: str = "fp32"
     text_tokens: int = 48  # prompt length in tokens, chat template included
@@ -215,13 +217,32 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _model_call(cfg: BenchConfig):
+    """A real pipeline and the kwargs of one full call (prompt -> MLLM -> denoising -> VAE decode -> PIL) with
+    the checkpoint's recommended sampling settings; ``steps`` and the size override them when given."""
+    from .pipelines import OmniGen2Pipeline
+
+    pipe = OmniGen2Pipeline.from_pretrained(cfg.model, torch_dtype=parse_dtype(cfg.dtype), device=cfg.device)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    size = (cfg.height or 64, cfg.width or 64)
+    images = [
+        PIL.Image.fromarray((torch.rand(*size, 3, generator=g) * 255).byte().numpy()) for _ in range(cfg.num_images)
+    ]
+    kwargs = dict(prompt=cfg.prompt, input_images=images or None, output_type="pil", generator=g)
+    if cfg.steps:
+        kwargs["num_inference_steps"] = cfg.steps
+    if cfg.height and cfg.width:
+        kwargs.update(height=cfg.height, width=cfg.width)
+    return pipe, kwargs
+
+
 def run_bench(cfg: BenchConfig) -> BenchResult:
-    if cfg.branches == 3 and cfg.num_images < 1:
-        raise ValueError("3 guidance branches (text + image) need at least one input image")
-    pipe = build_bench_pipeline(cfg)
+    if cfg.model is not None:
+        pipe, kwargs = _model_call(cfg)
+    else:
+        pipe, kwargs = _preset_call(cfg)
     model = pipe.transformer
-    dtype = parse_dtype(cfg.dtype)
-    kwargs = bench_inputs(cfg, model.config.text_feat_dim, model.config.in_channels, cfg.device, dtype)
     stamps: list[float] = []
 
     def step_func(i, n):
@@ -248,8 +269,18 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     else:
         result.peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result.memory_kind = "process peak RSS"
-    result.flops = _generation_flops(pipe, cfg, kwargs)
+    # FLOPs are counted from a preset's layout; a real pipeline's call also runs the MLLM and the VAE.
+    result.flops = _generation_flops(pipe, cfg, kwargs) if cfg.model is None else 0.0
     return result
+
+
+def _preset_call(cfg: BenchConfig):
+    if cfg.branches == 3 and cfg.num_images < 1:
+        raise ValueError("3 guidance branches (text + image) need at least one input image")
+    pipe = build_bench_pipeline(cfg)
+    model = pipe.transformer
+    dtype = parse_dtype(cfg.dtype)
+    return pipe, bench_inputs(cfg, model.config.text_feat_dim, model.config.in_channels, cfg.device, dtype)
 
 
 def _generation_flops(pipe, cfg: BenchConfig, kwargs) -> float:
@@ -302,17 +333,27 @@ def _machine(device: str) -> str:
 def format_result(result: BenchResult) -> str:
     c = result.config
     steps = ", ".join(f"{s * 1e3:.0f}" for s in result.step_s)
+    what = (
+        f"model {c.model}, prompt {c.prompt!r}, {c.num_images} input image(s), its sampling settings"
+        if c.model is not None
+        else f"preset {c.preset}, {c.width}x{c.height}, {c.num_images} input image(s), {c.branches} guidance "
+        f"branch(es), {c.steps} steps"
+    )
+    flops = (
+        f"{result.flops / 1e9:.2f} GFLOP per generation, {result.flops_per_s / 1e9:.1f} GFLOP/s"
+        if result.flops
+        else "n/a (FLOPs are counted for presets)"
+    )
     return "\n".join(
         [
-            f"preset {c.preset} ({result.params / 1e6:.1f}M params), {c.width}x{c.height}, {c.num_images} input "
-            f"image(s), {c.branches} guidance branch(es), {c.steps} steps, {c.dtype} on {c.device}",
+            f"{what} ({result.params / 1e6:.1f}M transformer params), {c.dtype} on {c.device}",
             f"  batch_guidance={c.batch_guidance} attention={c.attention} compile={c.compile} "
             f"quantize={c.quantize} offload={c.offload}",
             f"  end to end: median {result.median_s:.3f} s over {len(result.end_to_end_s)} runs "
             f"({', '.join(f'{t:.3f}' for t in result.end_to_end_s)})",
             f"  per step (ms, median): {steps}",
             f"  peak memory: {result.peak_memory_mb:.0f} MiB ({result.memory_kind})",
-            f"  transformer: {result.flops / 1e9:.2f} GFLOP per generation, {result.flops_per_s / 1e9:.1f} GFLOP/s",
+            f"  transformer: {flops}",
         ]
     )
 
@@ -333,7 +374,8 @@ def record_markdown(result: BenchResult, path, command: str) -> None:
     row = (
         f"| {time.strftime('%Y-%m-%d')} | {result.machine}, torch {result.torch_version} | `{command}` | "
         f"{result.median_s:.3f} s | {steps} | {result.peak_memory_mb:.0f} MiB ({result.memory_kind}) | "
-        f"{result.flops_per_s / 1e9:.1f} GFLOP/s of {result.flops / 1e9:.1f} GFLOP |\n"
+        + (f"{result.flops_per_s / 1e9:.1f} GFLOP/s of {result.flops / 1e9:.1f} GFLOP" if result.flops else "n/a")
+        + " |\n"
     )
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if MD_HEADING not in text:

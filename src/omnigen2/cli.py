@@ -1,4 +1,4 @@
-"""``omnigen2`` command line: ``omnigen2 generate PROMPT [-i IMAGE ...] [options]``.
+"""``omnigen2`` command line: ``omnigen2 generate PROMPT [-i IMAGE ...] [options]``, ``omnigen2 chat PROMPT ...``.
 
 One command covers text-to-image (no ``-i``), instruction editing (one ``-i``) and in-context generation
 (several ``-i``), as in the original ``inference.py``.
@@ -76,6 +76,119 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def _add_chat(sub) -> None:
+    p = sub.add_parser(
+        "chat",
+        help="one chat turn: a text answer, or an image when the MLLM decides to draw",
+        description="The MLLM answers PROMPT (about the -i images) in text, or draws an image when it emits <|img|> "
+        "(docs/CHAT.md). With --reflect N it then judges the drawing and repairs it up to N times.",
+    )
+    p.add_argument("prompt", help="the message")
+    p.add_argument(
+        "-i",
+        "--input-image",
+        dest="images",
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="input image, shown to the MLLM and used as a reference; repeat for several (at most 5)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        default="chat",
+        help="output prefix (OUT.png, and OUT_round0.png, OUT_round1.png, ... for the versions reflection "
+        "went through) or an existing directory (DIR/chat.png, ...); default: chat",
+    )
+    p.add_argument("--model", default=None, help=f"pipeline directory or hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--reflect", type=int, default=0, metavar="N", help="reflection rounds after drawing (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--text-guidance", type=float, default=None, help="text guidance scale")
+    p.add_argument("--image-guidance", type=float, default=None, help="image guidance scale")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    p.add_argument("--force-image", action="store_true", help="start the answer with <|img|>: always draw")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
+    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
+    p.add_argument("--device", default=None, help="cpu | cuda | mps (default: cuda if available)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) weights")
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args) -> int:
+    import torch
+
+    from .images import load_image
+    from .loading import parse_device, parse_dtype
+    from .pipelines import OmniGen2ChatPipeline
+
+    dtype = parse_dtype(args.dtype)
+    device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if len(args.images) > 5:
+        raise ValueError(f"{len(args.images)} input images given; OmniGen2 takes at most 5")
+    if args.reflect < 0:
+        raise ValueError(f"--reflect must be >= 0, got {args.reflect}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    images = [load_image(p) for p in args.images]  # fail on bad files before loading the model
+    model = args.model or DEFAULT_MODEL
+
+    chat = OmniGen2ChatPipeline.from_pretrained(model, torch_dtype=dtype, device=device, allow_pickle=args.allow_pickle)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    out = chat(
+        args.prompt,
+        input_images=images or None,
+        reflect=args.reflect,
+        generator=generator,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        text_guidance_scale=args.text_guidance,
+        image_guidance_scale=args.image_guidance,
+        negative_prompt=args.negative_prompt,
+        max_new_tokens=args.max_new_tokens,
+        assistant_prefix="<|img|>" if args.force_image else "",
+        temperature=args.temperature,
+        top_p=args.top_p,
+    )
+    print(f"answer: {out.text}")
+    for k, r in enumerate(out.rounds, 1):
+        note = f'; edited with "{r.fix}"' if r.image is not None else ""
+        print(f"reflection {k}: {r.answer!r} ({r.verdict}{note})")
+    if not out.images:
+        return 0
+    base = Path(args.output)
+    if base.is_dir() or args.output.endswith(("/", "\\")):
+        base = base / "chat"
+    elif base.suffix.lower() == ".png":
+        base = base.with_suffix("")
+    params = {
+        "prompt": args.prompt,
+        "input_images": args.images,
+        "model": str(model),
+        "seed": args.seed,
+        "steps": args.steps,
+        "reflect": args.reflect,
+        "answer": out.text,
+        "defaults_from_checkpoint": chat.pipe.sampling_defaults,
+    }
+    written = []
+    if any(r.image is not None for r in out.rounds):  # every version the reflection went through
+        versions = [out.rounds[0].judged, *(r.image for r in out.rounds if r.image is not None)]
+        for k, im in enumerate(versions):
+            written.append(base.with_name(f"{base.name}_round{k}.png"))
+            _save_png(im, written[-1], {**params, "round": k})
+    written.append(base.with_name(f"{base.name}.png"))
+    _save_png(out.images[0], written[-1], params)
+    for p in written:
+        print(f"wrote {p}")
+    return 0
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser(
         "bench",
@@ -84,11 +197,18 @@ def _add_bench(sub) -> None:
         "with random weights; nothing is downloaded.",
     )
     p.add_argument("--preset", choices=["tiny", "mid", "full"], default="mid", help="transformer size")
-    p.add_argument("--height", type=int, default=128)
-    p.add_argument("--width", type=int, default=128)
+    p.add_argument(
+        "--model",
+        default=None,
+        help="time a real pipeline (directory, hub id or builtin:NAME) end to end, prompt to PIL image, with its "
+        "recommended sampling settings, instead of a random-weight preset",
+    )
+    p.add_argument("--prompt", default="a red circle above a blue square", help="the prompt of --model's timed call")
+    p.add_argument("--height", type=int, default=None, help="default 128 (presets), the model's (--model)")
+    p.add_argument("--width", type=int, default=None, help="default 128 (presets), the model's (--model)")
     p.add_argument("--num-images", type=int, default=1, help="input (reference) images")
     p.add_argument("--branches", type=int, choices=[1, 2, 3], default=3, help="guidance branches")
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=None, help="default 6 (presets), the model's (--model)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--repeats", type=int, default=3, help="timed runs (medians are reported)")
@@ -110,13 +230,16 @@ def cmd_bench(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    preset_default = None if args.model else 128
     cfg = BenchConfig(
         preset=args.preset,
-        height=args.height,
-        width=args.width,
+        model=args.model,
+        prompt=args.prompt,
+        height=args.height or preset_default,
+        width=args.width or preset_default,
         num_images=args.num_images,
         branches=args.branches,
-        steps=args.steps,
+        steps=args.steps or (None if args.model else 6),
         device=args.device,
         dtype=args.dtype,
         repeats=args.repeats,
@@ -240,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"omnigen2 {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_chat(sub)
     _add_train(sub)
     _add_export(sub)
     _add_eval(sub)

@@ -107,38 +107,50 @@ def vae_reconstruction_error(vae, batch: Callable[[int], torch.Tensor], n: int =
 
 
 class UnderstandingBatcher:
-    """Turns (image, question, answer) triples into Qwen2.5-VL training inputs, loss on the answer only."""
+    """Turns (images, question, answer) triples into Qwen2.5-VL training inputs, loss on the answer only.
+
+    ``images`` is one PIL image, a list of 0-5 of them, or None; they enter the user turn with the original
+    chat template's ``<imgN>: <|vision_start|>...<|vision_end|>`` slots, before the question."""
 
     def __init__(self, tokenizer, image_processor, merge_size: int = 2):
         self.tok, self.proc, self.merge = tokenizer, image_processor, merge_size
         self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
-    def prompt(self, question: str, num_tokens: int) -> str:
+    def prompt(self, question: str, num_tokens: int | list[int]) -> str:
+        counts = [num_tokens] if isinstance(num_tokens, int) else list(num_tokens)
+        slots = "".join(image_placeholder(i + 1, n) for i, n in enumerate(counts))
         messages = [
             {"role": "system", "content": UNDERSTANDING_SYSTEM_PROMPT},
-            {"role": "user", "content": image_placeholder(1, num_tokens) + question},
+            {"role": "user", "content": slots + question},
         ]
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def __call__(self, triples) -> dict[str, torch.Tensor]:
-        images = [im for im, _, _ in triples]
+    def vision(self, images: list) -> tuple[dict, list[int]]:
+        """Processor outputs of a flat image list and the number of visual tokens of each image."""
+        if not images:
+            return {}, []
         vis = self.proc(images=images, return_tensors="pt")
         per_image = (vis["image_grid_thw"].prod(-1) // self.merge**2).tolist()
-        ids, labels = [], []
-        for (_, question, answer), n in zip(triples, per_image):
-            p = self.tok(self.prompt(question, n), add_special_tokens=False).input_ids
+        return {"pixel_values": vis["pixel_values"], "image_grid_thw": vis["image_grid_thw"]}, per_image
+
+    def __call__(self, triples) -> dict[str, torch.Tensor]:
+        groups = [[] if im is None else list(im) if isinstance(im, list | tuple) else [im] for im, _, _ in triples]
+        vis, per_image = self.vision([im for g in groups for im in g])
+        ids, labels, k = [], [], 0
+        for g, (_, question, answer) in zip(groups, triples):
+            p = self.tok(self.prompt(question, per_image[k : k + len(g)]), add_special_tokens=False).input_ids
+            k += len(g)
             a = self.tok(answer + "<|im_end|>", add_special_tokens=False).input_ids
             ids.append(p + a)
             labels.append([-100] * len(p) + a)
         width = max(len(x) for x in ids)
         pad = self.tok.pad_token_id
-        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
+        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])  # (B, L)
         return {
             "input_ids": input_ids,
             "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
             "labels": torch.tensor([y + [-100] * (width - len(y)) for y in labels]),
-            "pixel_values": vis["pixel_values"],
-            "image_grid_thw": vis["image_grid_thw"],
+            **vis,
             "mm_token_type_ids": (input_ids == self.image_token_id).int(),
         }
 
@@ -158,20 +170,21 @@ def train_mllm(
 
 
 @torch.no_grad()
-def answer(model, batcher: UnderstandingBatcher, image, question: str, max_new_tokens: int = 32) -> str:
-    """Greedy answer to a question about one image."""
-    vis = batcher.proc(images=[image], return_tensors="pt")
-    n = int(vis["image_grid_thw"].prod()) // batcher.merge**2
-    ids = batcher.tok(batcher.prompt(question, n), add_special_tokens=False, return_tensors="pt").input_ids
+def answer(model, batcher: UnderstandingBatcher, image, question: str, max_new_tokens: int = 48) -> str:
+    """Greedy answer to a question about zero or more images (special tokens such as ``<|img|>`` kept)."""
+    images = [] if image is None else list(image) if isinstance(image, list | tuple) else [image]
+    vis, per_image = batcher.vision(images)
+    ids = batcher.tok(batcher.prompt(question, per_image), add_special_tokens=False, return_tensors="pt").input_ids
+    stops = [batcher.tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|img|>", "<|endoftext|>")]
     out = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
-        pixel_values=vis["pixel_values"],
-        image_grid_thw=vis["image_grid_thw"],
+        **vis,
         mm_token_type_ids=(ids == batcher.image_token_id).int(),
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        eos_token_id=batcher.tok.convert_tokens_to_ids("<|im_end|>"),
+        eos_token_id=stops,
         pad_token_id=batcher.tok.pad_token_id,
     )
-    return batcher.tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    text = batcher.tok.decode(out[0, ids.shape[1] :], skip_special_tokens=False)
+    return text.replace("<|im_end|>", "").replace("<|endoftext|>", "").strip()

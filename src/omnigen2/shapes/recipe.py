@@ -98,8 +98,9 @@ def stage_data(out: Path, b: Budget) -> Path:
 
     if not (out / "data" / "mix.yml").is_file():
         write_dataset(out / "data", b.n_per_task, tasks=("t2i", "edit", "ic"))
-    if not (out / "data" / "understanding" / "records.jsonl").is_file():
-        write_dataset(out / "data", b.n_understanding, tasks=("understanding",))
+    for task, n in (("understanding", b.n_understanding), ("reflection", b.n_understanding // 2)):
+        if not (out / "data" / task / "records.jsonl").is_file():
+            write_dataset(out / "data", n, tasks=(task,))
     return out / "data"
 
 
@@ -157,6 +158,27 @@ def stage_vae(out: Path, b: Budget):
     return vae
 
 
+# What the MLLM learns before it is frozen: to answer questions about images, to judge an image against an
+# instruction (reflection), and to answer an image instruction with <|img|> (the switch to the diffusion path).
+MLLM_MIX = {"understanding": 0.5, "reflection": 0.25, "instruction": 0.25}
+
+
+def mllm_examples(data: Path) -> dict[str, list[tuple[Path, list[str], str, str]]]:
+    """(root, image paths, question, answer) per MLLM_MIX source, from the written training data."""
+    from .tasks import IMAGE_TASKS
+
+    def read(task):
+        path = data / task / "records.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+    ex = {k: [] for k in MLLM_MIX}
+    for task in ("understanding", "reflection"):
+        ex[task] = [(data / task, [r["image"]], r["question"], r["answer"]) for r in read(task)]
+    for task in IMAGE_TASKS:
+        ex["instruction"] += [(data / task, r["input_images"], r["instruction"], "<|img|>") for r in read(task)]
+    return ex
+
+
 def stage_mllm(out: Path, data: Path, tokenizer, b: Budget):
     from PIL import Image
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -170,19 +192,47 @@ def stage_mllm(out: Path, data: Path, tokenizer, b: Budget):
         return Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
     cfg = {k: v for k, v in image_processor_config().items() if k not in ("image_processor_type", "processor_class")}
     batcher = UnderstandingBatcher(tokenizer, Qwen2VLImageProcessorPil(**cfg))
-    root = data / "understanding"
-    records = [json.loads(line) for line in (root / "records.jsonl").read_text().splitlines()]
+    examples = mllm_examples(data)
+    sources = [k for k in MLLM_MIX if examples[k]]
+    weights = [MLLM_MIX[k] for k in sources]
 
     def batch(step: int):
         rng = random.Random(step)
-        picked = [records[rng.randrange(len(records))] for _ in range(b.mllm_batch)]
-        return batcher([(Image.open(root / r["image"]).convert("RGB"), r["question"], r["answer"]) for r in picked])
+        picked = []
+        for _ in range(b.mllm_batch):
+            pool = examples[rng.choices(sources, weights)[0]]
+            root, images, question, answer = pool[rng.randrange(len(pool))]
+            picked.append(([Image.open(root / im).convert("RGB") for im in images], question, answer))
+        return batcher(picked)
 
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(mllm_config(tokenizer))
     train_mllm(model, batch, b.mllm_steps)
     model.save_pretrained(path)
+    report = mllm_report(model, batcher)
+    (path / "understanding.json").write_text(json.dumps(report, indent=2))
+    logger.info("mllm on held-out cases: %s", report)
     return model
+
+
+@torch.no_grad()
+def mllm_report(model, batcher, n_per_category: int = 25) -> dict[str, float]:
+    """Exact-match rates of greedy answers on held-out understanding and reflection cases, and how often an
+    image instruction is answered with <|img|>."""
+    from . import judge
+    from .pretrain import answer
+    from .tasks import IMAGE_TASKS, TASKS, cases
+
+    report = {}
+    for task in ("understanding", "reflection"):
+        for case in cases(task, n_per_category * len(TASKS[task]), split="eval"):
+            reply = answer(model, batcher, case.input_images(), case.prompt)
+            key = f"{task}/{case.category}"
+            report[key] = report.get(key, 0) + judge.check(case, reply, case.input_images()).passed / n_per_category
+    for task in IMAGE_TASKS:
+        hits = [answer(model, batcher, c.input_images(), c.prompt, 4) == "<|img|>" for c in cases(task, 30, "eval")]
+        report[f"instruction/{task}"] = sum(hits) / len(hits)
+    return {k: round(v, 3) for k, v in report.items()}
 
 
 def stage_transformer(out: Path, data: Path, b: Budget, base: Path) -> Path:
@@ -198,7 +248,9 @@ def stage_transformer(out: Path, data: Path, b: Budget, base: Path) -> Path:
                 "max_output_pixels": 4096,
                 "max_side_length": 64,
                 "prompt_dropout": 0.1,
-                "ref_image_dropout": 0.5,
+                # Enough reference-free samples for the image-guidance branch; most edit / in-context samples
+                # keep their references (the task cannot be learned without them).
+                "ref_image_dropout": 0.1,
                 "caption_prefix_drop": 0.0,
                 "check_images": False,
             },
@@ -214,7 +266,7 @@ def stage_transformer(out: Path, data: Path, b: Budget, base: Path) -> Path:
             "output": {
                 "dir": str(run),
                 "save_every": max(1, b.transformer_steps // 10),
-                "keep_last": 2,
+                "keep_last": 11,  # every tenth of the run: the learning curve is measured on them
                 "log_every": 50,
             },
         }
@@ -225,7 +277,39 @@ def stage_transformer(out: Path, data: Path, b: Budget, base: Path) -> Path:
     return run
 
 
-def run(out: Path, budget: str = "cpu", stages: tuple[str, ...] = ("all",)) -> Path:
+def learning_curve(out: Path, n: int = 60, tasks: tuple[str, ...] = ("t2i", "edit", "ic")) -> list[dict]:
+    """ShapesBench (``n`` held-out cases per task) of every kept checkpoint of the transformer run, with the
+    EMA weights and the recommended sampling settings; written to OUT/learning_curve.json."""
+    import shutil
+    import tempfile
+
+    from ..eval.shapesbench import evaluate_model
+    from ..training import export
+    from ..training.checkpoint import checkpoint_dirs
+
+    path = out / "learning_curve.json"
+    curve = json.loads(path.read_text()) if path.is_file() else []
+    done = {row["step"] for row in curve}
+    for ck in checkpoint_dirs(out / "transformer_run"):
+        step = int(ck.name.split("-")[1])
+        if step in done:
+            continue
+        tmp = Path(tempfile.mkdtemp())
+        try:
+            pipe_dir = export(ck, tmp / "pipe", weights="ema", sampling_defaults=SAMPLING)
+            report = evaluate_model(str(pipe_dir), n, tasks, tmp / "bench", progress=False)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        row = {"step": step, **{t: round(report.task_score(t), 3) for t in tasks}, "overall": round(report.overall, 3)}
+        if "ic" in tasks:
+            row["ic_subject_consistency"] = round(report.partial("ic")["subject_consistency"]["score"], 3)
+        logger.info("learning curve: %s", row)
+        curve = sorted([*curve, row], key=lambda r: r["step"])
+        path.write_text(json.dumps(curve, indent=2))
+    return curve
+
+
+def run(out: Path, budget: str = "cpu", curve: int = 0) -> Path:
     from .bundle import assemble
 
     b = BUDGETS[budget]
@@ -243,6 +327,8 @@ def run(out: Path, budget: str = "cpu", stages: tuple[str, ...] = ("all",)) -> P
 
     final = export(run_dir, out / "final", weights="ema", sampling_defaults=SAMPLING)
     logger.info("bundled model written to %s", final)
+    if curve:
+        learning_curve(out, curve)
     return final
 
 
@@ -250,9 +336,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m omnigen2.shapes.recipe", description=__doc__.split("\n")[0])
     p.add_argument("--budget", choices=list(BUDGETS), default="cpu")
     p.add_argument("--out", default="runs/shapes")
+    p.add_argument(
+        "--curve", type=int, default=0, metavar="N", help="also score every kept checkpoint on N cases per task"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run(Path(args.out), args.budget)
+    run(Path(args.out), args.budget, args.curve)
     return 0
 
 
