@@ -190,6 +190,15 @@ EDIT_TEMPLATES = {
     "reshape": "turn the {color} {shape} into a {value}",
     "background": "change the background to {value}",
 }
+# How a reflection answer words the problem that each kind of edit fixes ("{problem}. {fix}").
+PROBLEM_TEMPLATES = {
+    "recolor": "the {color} {shape} should be {value}",
+    "remove": "there should be no {color} {shape}",
+    "add": "the {color} {shape} is missing",
+    "move": "the {color} {shape} should be at the {value}",
+    "reshape": "the {color} {shape} should be a {value}",
+    "background": "the background should be {value}",
+}
 _VALUES = {"recolor": COLORS, "add": CELLS, "move": CELLS, "reshape": SHAPES, "background": BACKGROUNDS}
 
 
@@ -220,6 +229,10 @@ class Edit:
 
     def prompt(self) -> str:
         return EDIT_TEMPLATES[self.kind].format(color=self.color, shape=self.shape, value=self.value)
+
+    def problem(self) -> str:
+        """The problem this edit repairs, as a reflection answer words it ("the red square is missing")."""
+        return PROBLEM_TEMPLATES[self.kind].format(color=self.color, shape=self.shape, value=self.value)
 
     @classmethod
     def parse(cls, text: str) -> Edit | None:
@@ -448,18 +461,20 @@ def _u_position(rng):
 # reflection ---------------------------------------------------------------------------------------------------
 
 
+def _problem(wrong: Scene, fix: Edit) -> tuple[Scene, str, Edit]:
+    return wrong, fix.problem(), fix
+
+
 def _corrupt(rng, category: str, scene: Scene, target: Target) -> tuple[Scene, str, Edit] | None:
     """(wrong scene, problem, fixing edit), or None when this scene cannot show this problem."""
     kinds = {o.kind for o in scene.objects}
     obj = rng.choice(scene.objects) if scene.objects else None
     if category == "background":
         bg = rng.choice([b for b in BACKGROUNDS if b != scene.background])
-        wrong = Scene(scene.objects, bg)
-        return wrong, f"the background should be {scene.background}", Edit("background", value=scene.background)
+        return _problem(Scene(scene.objects, bg), Edit("background", value=scene.background))
     if category == "extra":
         (color, shape), cell = _kinds(rng, 1, kinds)[0], rng.choice(scene.free_cells())
-        wrong = scene.with_object(Object(shape, color, None, cell))
-        return wrong, f"there should be no {color} {shape}", Edit("remove", color, shape)
+        return _problem(scene.with_object(Object(shape, color, None, cell)), Edit("remove", color, shape))
     if obj is None or len(scene.find(*obj.kind)) != 1:
         return None  # the problem names the object: its kind must be unique
     if category == "color":
@@ -467,23 +482,20 @@ def _corrupt(rng, category: str, scene: Scene, target: Target) -> tuple[Scene, s
         if not options:
             return None
         c = rng.choice(options)
-        problem = f"the {c} {obj.shape} should be {obj.color}"
-        return scene.without(obj).with_object(obj.replace(color=c)), problem, Edit("recolor", c, obj.shape, obj.color)
+        return _problem(scene.without(obj).with_object(obj.replace(color=c)), Edit("recolor", c, obj.shape, obj.color))
     if category == "shape":
         options = [s for s in SHAPES if s != obj.shape and (obj.color, s) not in kinds]
         if not options:
             return None
         s = rng.choice(options)
-        problem = f"the {obj.color} {s} should be a {obj.shape}"
-        return scene.without(obj).with_object(obj.replace(shape=s)), problem, Edit("reshape", obj.color, s, obj.shape)
+        return _problem(scene.without(obj).with_object(obj.replace(shape=s)), Edit("reshape", obj.color, s, obj.shape))
     if category == "missing" and obj.dot is None:  # "add" cannot add a dot
-        problem = f"the {obj.color} {obj.shape} is missing"
-        return scene.without(obj), problem, Edit("add", obj.color, obj.shape, obj.cell)
+        return _problem(scene.without(obj), Edit("add", obj.color, obj.shape, obj.cell))
     if category == "position":
         wrong = scene.without(obj).with_object(obj.replace(cell=rng.choice(scene.free_cells())))
         if target.check(wrong)[0]:
             return None
-        return wrong, f"the {obj.color} {obj.shape} should be at the {obj.cell}", Edit("move", *obj.kind, obj.cell)
+        return _problem(wrong, Edit("move", *obj.kind, obj.cell))
     return None
 
 

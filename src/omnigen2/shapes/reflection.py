@@ -1,0 +1,250 @@
+"""Reflection training data from a model's own outputs, the paper's way, with the judge as the external VLM.
+
+OmniGen2 builds its reflection data by generating images with the model itself, having a strong VLM say whether
+each output follows the instruction and, when not, what is wrong and how to fix it. Here the ShapesBench judge
+plays the VLM: :func:`diagnose` reads an output back into a scene and, when the case's target fails, searches the
+editing grammar for a fix; :func:`reflection_records` runs a generator on training cases and writes the
+diagnoses as understanding-format records next to the generated images.
+
+The fix search. The candidate edits of a scene are listed in a fixed preference order — by kind
+(:data:`PREFERENCE`: recolor, reshape, move, remove, add, background), then by object in reading order, then by
+value in palette / cell order — and only edits that can help are listed: a recolor, reshape or add must produce
+an object that some target pattern wants (shape, color and dot: no edit can add or change a dot), a move only
+moves a wanted object, a background change only goes to the target's background. The diagnosis is:
+
+- ``match``      the target passes; the answer is exactly ``MATCHES``;
+- ``mismatch``   the first candidate whose result passes the target; answered as ``MISMATCH`` with the problem
+                 worded as ``tasks`` words it (:meth:`Edit.problem`);
+- ``partial``    no single edit repairs the image, but two do: the answer names the first edit of the first
+                 two-edit repair in preference order (the first step the chat pipeline's reflect loop would take);
+                 its fix does not fully repair the image, so the judge's ``fix_repairs`` is False for it;
+- ``unfixable``  no repair in two edits (a wrong dot, an ambiguous duplicate, ...): no answer, the caller skips;
+- ``unreadable`` the judge cannot read the image (a blob that fits no shape or color): the caller skips.
+
+Edits that break the world's rules (a shared cell, a dot of the object's color, an ambiguous object) are
+skipped, as ``tasks`` skips them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import PIL.Image
+import torch
+from tqdm.auto import tqdm
+
+from . import judge
+from .dataset import _write_jsonl
+from .tasks import (
+    COLORS,
+    IMAGE_TASKS,
+    MATCHES,
+    MISMATCH,
+    REFLECT_QUESTION,
+    SHAPES,
+    Case,
+    Edit,
+    Target,
+    cases,
+    stable_hash,
+)
+from .world import InvalidScene, Scene
+
+PREFERENCE = ("recolor", "reshape", "move", "remove", "add", "background")
+KINDS = ("match", "mismatch", "partial", "unfixable", "unreadable")
+WRITTEN = ("match", "mismatch", "partial")  # the kinds that make a record
+
+Generate = Callable[[str, list[PIL.Image.Image], torch.Generator | None], PIL.Image.Image]
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """What the judge, as the reflecting VLM, says about one output. ``verdict`` is the answer's verdict
+    ("match" / "mismatch") or "unreadable"; ``kind`` refines a mismatch by how far ``edit`` gets."""
+
+    kind: str  # one of KINDS
+    scene: Scene | None  # the scene read from the image (None when unreadable)
+    answer: str | None = None  # the reflection answer (None: nothing to train on)
+    edit: Edit | None = None  # the proposed fix
+    reason: str = "ok"  # the target's failed check, or why the image could not be read
+
+    @property
+    def verdict(self) -> str:
+        return {"match": "match", "unreadable": "unreadable"}.get(self.kind, "mismatch")
+
+    @property
+    def problem(self) -> str | None:
+        return self.edit.problem() if self.edit else None
+
+    @property
+    def repairs(self) -> bool | None:
+        """Whether the fix alone repairs the image (None without a fix)."""
+        return None if self.edit is None else self.kind == "mismatch"
+
+
+# -- the fix search ---------------------------------------------------------------------------------------------
+
+
+def candidate_edits(scene: Scene, target: Target) -> list[Edit]:
+    """Every edit of ``scene`` that can help towards ``target``, in preference order (see the module doc)."""
+    looks = {(p.shape, p.color, p.dot) for p in target.patterns}
+    # Edits name an object by kind, so only objects whose kind is unique in the scene can be edited.
+    named = [o for o in scene.objects if len(scene.find(*o.kind)) == 1]
+    free = scene.free_cells()
+    by_kind = {
+        "recolor": [
+            Edit("recolor", o.color, o.shape, c)
+            for o in named
+            for c in COLORS
+            if c != o.color and (o.shape, c, o.dot) in looks
+        ],
+        "reshape": [
+            Edit("reshape", o.color, o.shape, s)
+            for o in named
+            for s in SHAPES
+            if s != o.shape and (s, o.color, o.dot) in looks
+        ],
+        "move": [Edit("move", o.color, o.shape, cell) for o in named if o.look in looks for cell in free],
+        "remove": [Edit("remove", o.color, o.shape) for o in named],
+        "add": [
+            Edit("add", p.color, p.shape, cell)
+            for p in dict.fromkeys(p for p in target.patterns if p.dot is None)  # pattern order, no repeats
+            for cell in (free if p.cell is None else [p.cell] if p.cell in free else [])
+        ],
+        "background": [Edit("background", value=target.background)] if scene.background != target.background else [],
+    }
+    return [e for kind in PREFERENCE for e in by_kind[kind]]
+
+
+def _applied(edit: Edit, scene: Scene) -> Scene | None:
+    try:
+        return edit.apply(scene)
+    except InvalidScene:  # the edit breaks a rule of the world: not a candidate
+        return None
+
+
+def repair(scene: Scene, target: Target) -> Edit | None:
+    """The first candidate edit after which ``target`` passes, or None."""
+    for edit in candidate_edits(scene, target):
+        after = _applied(edit, scene)
+        if after is not None and target.check(after)[0]:
+            return edit
+    return None
+
+
+def first_step(scene: Scene, target: Target) -> Edit | None:
+    """The first candidate edit after which a single edit repairs the scene (of a two-edit repair), or None."""
+    for edit in candidate_edits(scene, target):
+        after = _applied(edit, scene)
+        if after is not None and repair(after, target) is not None:
+            return edit
+    return None
+
+
+def diagnose(case: Case, image) -> Diagnosis:
+    """Judge a generated image against an image case's target (t2i, edit, in-context, or a reflection case's
+    judged instruction), the way the reflecting VLM answers ``REFLECT_QUESTION``."""
+    if case.target is None:
+        raise ValueError(f"{case.name} has no image target to judge against")
+    scene = judge.read(image)
+    if isinstance(scene, judge.Failure):
+        return Diagnosis("unreadable", None, reason=scene.reason)
+    passed, reason = case.target.check(scene)
+    if passed:
+        return Diagnosis("match", scene, MATCHES)
+    kind, edit = "mismatch", repair(scene, case.target)
+    if edit is None:
+        kind, edit = "partial", first_step(scene, case.target)
+    if edit is None:
+        return Diagnosis("unfixable", scene, reason=reason)
+    return Diagnosis(kind, scene, MISMATCH.format(problem=edit.problem(), fix=edit.prompt()), edit, reason)
+
+
+# -- records ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReflectionSummary:
+    root: Path
+    file: Path  # records.jsonl
+    records: int = 0
+    kinds: dict[str, int] = field(default_factory=dict)  # diagnosis kind -> cases (they add up to all cases)
+    fixes: dict[str, int] = field(default_factory=dict)  # edit kind -> written mismatch / partial records
+    tasks: dict[str, dict[str, int]] = field(default_factory=dict)  # task -> diagnosis kind -> cases
+
+
+def _stem(case: Case) -> str:
+    return f"{case.task}_{case.category.replace(' ', '_')}_{case.seed}"
+
+
+def reflection_records(
+    generate: Generate,
+    n: int,
+    out_dir: str | os.PathLike,
+    split: str = "train",
+    start: int = 0,
+    tasks: Sequence[str] = ("t2i",),
+    progress: bool = True,
+    seed: int = 0,
+    kinds: Sequence[str] = WRITTEN,
+) -> ReflectionSummary:
+    """Generate n cases per image task (seeds >= ``start`` of ``split``; only "train" makes training data),
+    diagnose each output and write the diagnoses of the given ``kinds`` to ``out_dir/records.jsonl`` with the
+    generated images (and, for edit / in-context cases, the inputs) under ``out_dir/images/``.
+
+    A record is ``{image, question, answer, instruction, category: "model-{kind}", seed}`` plus ``task``,
+    ``case_category`` and ``input_images`` (the case's inputs: the judged answer only needs the output, but the
+    instruction of an edit refers to them). ``generate`` is called as ShapesBench calls it, with a torch
+    generator seeded from ``(seed, case)``."""
+    bad = [t for t in tasks if t not in IMAGE_TASKS]
+    if bad:
+        raise ValueError(f"reflection records judge image tasks ({', '.join(IMAGE_TASKS)}), not {bad}")
+    if unknown := set(kinds) - set(WRITTEN):
+        raise ValueError(f"only {', '.join(WRITTEN)} diagnoses have an answer to write, not {sorted(unknown)}")
+    root = Path(out_dir)
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    summary = ReflectionSummary(root, root / "records.jsonl")
+    case_list = [c for task in tasks for c in cases(task, n, split=split, start=start)]
+    records, counts, fixes = [], Counter(), Counter()
+    per_task = {task: Counter() for task in tasks}
+    for case in tqdm(case_list, desc="reflection records", disable=not progress):
+        inputs = case.input_images()
+        g = torch.Generator().manual_seed(stable_hash("reflection-records", seed, case.name) % 2**63)
+        output = generate(case.prompt, inputs, g)
+        d = diagnose(case, output)
+        counts[d.kind] += 1
+        per_task[case.task][d.kind] += 1
+        if d.kind not in kinds:
+            continue
+        stem = _stem(case)
+        output.convert("RGB").save(images_dir / f"{stem}_out.png")
+        input_paths = []
+        for k, im in enumerate(inputs):
+            im.save(images_dir / f"{stem}_in{k}.png")
+            input_paths.append(f"images/{stem}_in{k}.png")
+        records.append(
+            {
+                "image": f"images/{stem}_out.png",
+                "question": REFLECT_QUESTION.format(instruction=case.prompt),
+                "answer": d.answer,
+                "instruction": case.prompt,
+                "category": f"model-{d.kind}",
+                "seed": case.seed,
+                "task": case.task,
+                "case_category": case.category,
+                "input_images": input_paths,
+            }
+        )
+        if d.edit is not None:
+            fixes[d.edit.kind] += 1
+    _write_jsonl(summary.file, records)
+    summary.records = len(records)
+    summary.kinds = {k: counts[k] for k in KINDS}
+    summary.fixes = {k: fixes[k] for k in PREFERENCE}
+    summary.tasks = {t: {k: c[k] for k in KINDS} for t, c in per_task.items()}
+    return summary
