@@ -302,16 +302,41 @@ def _add_eval(sub) -> None:
     bench = p.add_subparsers(dest="benchmark", required=True)
     s = bench.add_parser(
         "shapes",
-        help="ShapesBench: judged text-to-image, editing and in-context cases of Shapes World",
-        description="Generate held-out Shapes World cases and score them with the judge (docs/SHAPES.md). "
-        "--model oracle renders the right answers (a self-check of the judge).",
+        help="ShapesBench: judged generation, editing, in-context, understanding and reflection cases",
+        description="Answer held-out Shapes World cases and score them with the judge (docs/SHAPES.md): image "
+        "tasks through the generation pipeline (or, with --reflect N, the chat pipeline), text tasks through "
+        "the MLLM. --model oracle gives the right answers (a self-check of the judge).",
     )
     s.add_argument("--model", default=DEFAULT_MODEL, help=f"pipeline directory, hub id or oracle ({DEFAULT_MODEL})")
     s.add_argument("--n", type=int, default=60, help="cases per task, spread over its categories (default 60)")
-    s.add_argument("--tasks", default="t2i,edit,ic", help="comma-separated: t2i, edit, ic (default: all three)")
+    s.add_argument(
+        "--tasks",
+        default="t2i,edit,ic",
+        help="comma-separated: t2i, edit, ic, understanding, reflection (default: t2i,edit,ic)",
+    )
     s.add_argument("--out", default="shapesbench", help="folder for report.json and samples.png")
     s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     s.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    s.add_argument(
+        "--reflect",
+        type=int,
+        default=None,
+        metavar="N",
+        help="draw image cases through the chat pipeline, the MLLM deciding to draw, then N reflection rounds "
+        "(0: none); without it they go through the generation pipeline",
+    )
+    s.add_argument(
+        "--force-draw",
+        action="store_true",
+        help="with --reflect: start each answer with <|img|> (for an MLLM that never learned to draw by itself)",
+    )
+    s.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="longest chat answer in tokens, for understanding and --reflect (default: the chat's, 256)",
+    )
     s.add_argument("--device", default=None, help="cpu | cuda | mps (default: cuda if available)")
     s.set_defaults(func=cmd_eval)
 
@@ -320,7 +345,18 @@ def cmd_eval(args) -> int:
     from .eval.shapesbench import evaluate_model
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    report = evaluate_model(args.model, args.n, tasks, args.out, args.seed, args.steps, args.device)
+    report = evaluate_model(
+        args.model,
+        args.n,
+        tasks,
+        args.out,
+        args.seed,
+        args.steps,
+        args.device,
+        reflect=args.reflect,
+        force_draw=args.force_draw,
+        max_new_tokens=args.max_new_tokens,
+    )
     print(report.table())
     print(f"wrote {Path(args.out) / 'report.json'} and {Path(args.out) / 'samples.png'}")
     return 0

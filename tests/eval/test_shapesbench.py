@@ -1,24 +1,38 @@
-"""ShapesBench end to end: an oracle scores 1.0, the tiny pipeline runs and is reported, the CLI works."""
+"""ShapesBench end to end: an oracle scores 1.0, the tiny pipeline runs and is reported, the CLI works; text tasks
+and reflection through the chat pipeline on the official-tiny checkpoint (a random MLLM: small n, few steps)."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from omnigen2 import OmniGen2ChatPipeline
 from omnigen2.cli import main
 from omnigen2.eval.shapesbench import (
     CaseResult,
     Report,
     benchmark_cases,
+    chat_answer,
+    chat_generate,
     oracle,
     oracle_answer,
     pipeline_generate,
     run,
     score_text,
 )
-from omnigen2.shapes.tasks import TASKS, split_of
+from omnigen2.pipelines.pipeline_chat import Turn
+from omnigen2.shapes.tasks import MATCHES, TASKS, split_of
+
+MISMATCH_ANSWER = "the image does not match the instruction: the red circle should be blue. make the red circle blue"
+
+
+@pytest.fixture
+def chat(tiny_pipe):
+    return OmniGen2ChatPipeline(tiny_pipe)
 
 
 def test_oracle_scores_one_on_held_out_cases(tmp_path):
@@ -64,3 +78,110 @@ def test_cli_eval_shapes(tmp_path, capsys):
     assert "attribute binding" in out and "overall" in out and (tmp_path / "samples.png").is_file()
     assert main(["eval", "shapes", "--n", "1", "--out", str(tmp_path / "x")]) == 2
     assert "no builtin model" in capsys.readouterr().err
+
+
+# -- understanding, reflection and the chat path -------------------------------------------------------------------
+
+
+def test_cli_oracle_scores_one_on_every_task(tmp_path, capsys):
+    args = ["eval", "shapes", "--model", "oracle", "--n", "7", "--out", str(tmp_path)]
+    assert main([*args, "--tasks", "understanding,reflection,edit"]) == 0
+    assert "fix repairs" in capsys.readouterr().out
+    data = json.loads((tmp_path / "report.json").read_text())
+    summary = data["summary"]
+    assert summary["overall"] == 1.0 and list(summary["tasks"]) == ["edit", "understanding", "reflection"]
+    assert summary["tasks"]["reflection"]["partial"] == {
+        "exact": {"score": 1.0, "n": 7},
+        "fix_repairs": {"score": 1.0, "n": 6},
+    }
+    assert len(data["cases"]) == 21 and data["config"]["images"] == "pipeline"
+
+
+def test_cli_real_model_answers_text_tasks_in_one_report(official_tiny, tmp_path, capsys):
+    ckpt = str(official_tiny / "checkpoint")
+    args = ["--model", ckpt, "--n", "2", "--steps", "1", "--max-new-tokens", "6", "--device", "cpu"]
+    assert main(["eval", "shapes", *args, "--tasks", "t2i,understanding,reflection", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "understanding" in out and "reflection" in out and "overall" in out
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert set(data["summary"]["tasks"]) == {"t2i", "understanding", "reflection"} and len(data["cases"]) == 6
+    text = [c for c in data["cases"] if c["task"] != "t2i"]
+    assert all(isinstance(c["details"]["answer"], str) and c["reason"] for c in text)
+    assert data["config"]["max_new_tokens"] == 6 and data["config"]["reflect"] is None
+    assert Image.open(tmp_path / "samples.png").size[1] >= 6 * 64
+
+
+def test_chat_answer_asks_the_case_question_in_a_fresh_conversation(chat, monkeypatch):
+    asked, build = [], chat.build_inputs
+    monkeypatch.setattr(chat, "build_inputs", lambda turns: asked.append(turns) or build(turns))
+    chat.history.append(Turn("an earlier turn"))  # reset() must clear it
+    case_list = benchmark_cases(["understanding", "reflection"], 2)
+    run(None, 2, ["understanding", "reflection"], progress=False, answer_fn=chat_answer(chat, max_new_tokens=4))
+    assert len(asked) == 4 and all(len(turns) == 1 for turns in asked)
+    for turns, case in zip(asked, case_list):
+        (image,) = case.input_images()
+        assert turns[0].prompt == case.prompt and turns[0].images[0].tobytes() == image.tobytes()
+
+
+def test_reflect_records_rounds_and_self_verdicts(official_tiny, chat, monkeypatch, tmp_path):
+    ckpt = str(official_tiny / "checkpoint")
+    args = ["eval", "shapes", "--model", ckpt, "--n", "2", "--tasks", "t2i,ic", "--steps", "1", "--device", "cpu"]
+    assert main([*args, "--reflect", "1", "--force-draw", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["config"] | {"images": "chat", "reflect": 1, "force_draw": True} == data["config"]
+    assert all(c["details"]["reflect_rounds"] == 1 and c["details"]["drew"] for c in data["cases"])
+    agree = data["summary"]["tasks"]["ic"]["self_verdict_agreement"]
+    assert agree["n"] == 2 and agree["unparsed"] + agree["match_failed"] + agree["mismatch_failed"] == 2
+    assert data["summary"]["tasks"]["t2i"]["reflection"]["rounds"] == 1.0
+
+    # Scripted verdicts on the (failing) random drawings: a match disagrees; a mismatch agrees and is repaired.
+    answers = iter([MATCHES, MISMATCH_ANSWER])
+    monkeypatch.setattr(chat, "judge", lambda image, instruction, max_new_tokens=64: next(answers))
+    report = run(chat_generate(chat, reflect=1, steps=1, force_draw=True), n=2, tasks=["t2i"], progress=False)
+    first, second = (r.details for r in report.results)
+    assert (first["self_verdict"], first["self_verdict_agrees"], first["image_changed"]) == ("match", False, False)
+    assert (second["self_verdict"], second["self_verdict_agrees"], second["image_changed"]) == ("mismatch", True, True)
+    assert not first["first_passed"] and not second["first_passed"]
+    agree = report.summary()["tasks"]["t2i"]["self_verdict_agreement"]
+    assert (agree["score"], agree["match_failed"], agree["mismatch_failed"]) == (0.5, 1, 1)
+    assert "self verdict agreement" in report.table()
+
+
+def test_text_answer_to_an_image_case_fails(chat):
+    report = run(chat_generate(chat, reflect=0, steps=1, max_new_tokens=4), n=1, tasks=["ic"], progress=False)
+    (r,) = report.results
+    assert not r.passed and r.reason.startswith("answered with text: ")
+    assert r.details["drew"] is False and r.details["subject_consistency"] is False
+
+
+def test_chat_t2i_without_reflection_is_the_pipeline_on_the_chat_conditioning(chat, tiny_pipe):
+    """--reflect 0 --force-draw is not OmniGen2Pipeline(prompt): the chat template ends with the assistant
+    generation prompt, which the generation pipeline's omits, so the conditioning (and the negative) has those
+    rows more; the rows they share are equal. Given the chat's conditioning, the pipeline draws the same image."""
+    prompt, kw = "a red square", dict(height=64, width=64, num_inference_steps=1)
+    made = chat_generate(chat, reflect=0, steps=1, force_draw=True)(prompt, [], torch.Generator().manual_seed(0))
+    chat.reset()
+    out = chat(prompt, assistant_prefix="<|img|>", generator=torch.Generator().manual_seed(0), **kw)
+    embeds, _ = tiny_pipe.encode_text([prompt], None, "cpu")
+    extra = tiny_pipe.tokenizer.decode(out.input_ids[0, embeds.shape[1] :])
+    assert extra == "<|im_start|>assistant\n" and torch.equal(out.prompt_embeds[:, : embeds.shape[1]], embeds)
+    neg, neg_mask = chat.encode_negative("")
+    ref = tiny_pipe(
+        prompt_embeds=out.prompt_embeds,
+        prompt_attention_mask=out.prompt_attention_mask,
+        negative_prompt_embeds=neg,
+        negative_prompt_attention_mask=neg_mask,
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    ).images[0]
+    assert np.array_equal(np.asarray(made.value), np.asarray(ref)) and made.details["reflect_rounds"] == 0
+
+
+def test_cli_eval_shapes_errors(tmp_path, capsys):
+    args = ["eval", "shapes", "--n", "1", "--out", str(tmp_path)]
+    assert main([*args, "--model", "/no/such/model", "--tasks", "t2i,drawing"]) == 2  # before loading the model
+    assert "unknown tasks ['drawing']" in capsys.readouterr().err
+    assert main([*args, "--model", "oracle", "--force-draw"]) == 2
+    assert "--reflect" in capsys.readouterr().err
+    assert main([*args, "--model", "oracle", "--reflect", "1"]) == 2
+    assert "oracle" in capsys.readouterr().err

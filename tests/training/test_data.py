@@ -117,6 +117,20 @@ def test_dropout_uses_the_inference_negative_template(four_samples, tokenizer):
         assert len(ds_none.sample(step, 0)["refs"]) == len(ds_none.sources[src][idx].input_images)
 
 
+def test_generation_prompt_share(four_samples, tokenizer):
+    """With generation_prompt_prob the text ends with the assistant turn, as a chat turn answering <|img|>."""
+    path = str(four_samples / "data.jsonl")
+    plain = MixtureDataset(DataConfig(path=path), tokenizer)
+    always = MixtureDataset(DataConfig(path=path, generation_prompt_prob=1.0), tokenizer)
+    half = MixtureDataset(DataConfig(path=path, generation_prompt_prob=0.5), tokenizer)
+    suffix = "<|im_start|>assistant\n"
+    for step in range(10):
+        a, b = plain.sample(step, 0, load=False)["text"], always.sample(step, 0, load=False)["text"]
+        assert not a.endswith(suffix) and b == a + suffix
+    share = np.mean([half.sample(s, 0, load=False)["text"].endswith(suffix) for s in range(400)])
+    assert 0.4 < share < 0.6, share
+
+
 def test_caption_prefix_dropping(four_samples, tokenizer):
     keep = MixtureDataset(DataConfig(path=str(four_samples / "data.jsonl"), caption_prefix_drop=0.0), tokenizer)
     drop = MixtureDataset(DataConfig(path=str(four_samples / "data.jsonl"), caption_prefix_drop=1.0), tokenizer)

@@ -1,12 +1,16 @@
-"""ShapesBench: score a generator on held-out Shapes World cases with the judge (docs/SHAPES.md).
+"""ShapesBench: score a model on held-out Shapes World cases with the judge (docs/SHAPES.md).
 
-A generator is any callable ``(prompt, input_images, generator) -> PIL image`` — :func:`pipeline_generate`
-wraps an :class:`OmniGen2Pipeline`, :func:`oracle` renders the right answers. :func:`run` draws ``n`` cases
-per task from evaluation seeds (spread evenly over the task's categories), generates, judges, and returns a
-:class:`Report`: each category's pass rate with its case count, each task's mean over its categories, the
-overall mean over tasks, and the rates of the judge's partial checks (subject consistency for in-context;
-change made / rest kept for edits). :func:`score_text` does the same for understanding and reflection with an
-``(image, question) -> answer`` function.
+Image tasks (t2i, edit, ic) take a generator: any callable ``(prompt, input_images, generator) -> image``, or an
+:class:`Output` (an image or the text answered instead, with details to record). :func:`pipeline_generate` wraps
+an :class:`OmniGen2Pipeline`, :func:`chat_generate` an :class:`OmniGen2ChatPipeline` (the MLLM decides to draw,
+then reflects), :func:`oracle` renders the right answers. Text tasks (understanding, reflection) take an
+``(image, question) -> answer`` function: :func:`chat_answer` asks the chat's MLLM, :func:`text_oracle` answers
+right. :func:`run` draws ``n`` cases per task from evaluation seeds (spread evenly over the task's categories),
+lets the model answer, judges, and returns one :class:`Report` for all tasks: each category's pass rate with its
+case count, each task's mean over its categories, the overall mean over tasks, the rates of the judge's partial
+checks (subject consistency for in-context; change made / rest kept for edits; exact answer / fix repairs for
+reflection) and, for images drawn with reflection, the reflection figures (rounds, first-image pass rate, how
+often the MLLM's own first verdict agrees with the judge).
 """
 
 from __future__ import annotations
@@ -23,12 +27,27 @@ import torch
 from tqdm.auto import tqdm
 
 from ..shapes import judge
-from ..shapes.tasks import IMAGE_TASKS, TASKS, TEXT_TASKS, Case, answer, cases, stable_hash
+from ..shapes.tasks import IMAGE_TASKS, REFLECT_QUESTION, TASKS, TEXT_TASKS, Case, answer, cases, stable_hash
 from ..shapes.world import CANVAS
 
-Generate = Callable[[str, list[PIL.Image.Image], torch.Generator | None], PIL.Image.Image]
 Answer = Callable[[PIL.Image.Image, str], str]
-PARTIAL_CHECKS = ("subject_consistency", "arrangement", "change_made", "rest_kept", "exact", "fix_repairs")
+PARTIAL_CHECKS = ("subject_consistency", "arrangement", "change_made", "rest_kept", "exact", "fix_repairs", "drew")
+
+
+@dataclass
+class Output:
+    """What a model made for an image case, when it is more than an image. ``value``: the image, or the text
+    the model answered instead (the case fails); ``details`` go into the case's record. With reflection,
+    ``judged`` is the image the first round judged and ``verdict`` that round's verdict ("match", "mismatch"
+    or "unparsed"), to compare with the judge."""
+
+    value: PIL.Image.Image | str
+    details: dict = field(default_factory=dict)
+    judged: PIL.Image.Image | None = None
+    verdict: str | None = None
+
+
+Generate = Callable[[str, list[PIL.Image.Image], torch.Generator | None], PIL.Image.Image | Output]
 
 
 @dataclass
@@ -61,7 +80,8 @@ class Report:
         return [t for t in TASKS if any(r.task == t for r in self.results)]
 
     def task_score(self, task: str) -> float:
-        """The mean of the task's category pass rates (not the pooled pass rate)."""
+        """The mean of the task's category pass rates (not the pooled pass rate). For reflection this is the
+        verdict agreement: the answer's match / mismatch against the case's."""
         cats = self.categories(task).values()
         return sum(p / n for p, n in cats) / len(cats)
 
@@ -69,13 +89,49 @@ class Report:
     def overall(self) -> float:
         return sum(map(self.task_score, self.tasks)) / len(self.tasks) if self.tasks else 0.0
 
+    def _details(self, task: str, key: str) -> list:
+        return [r.details[key] for r in self.results if r.task == task and r.details.get(key) is not None]
+
     def partial(self, task: str) -> dict[str, dict]:
-        """Rates of the judge's partial checks (e.g. subject consistency), over the cases that report them."""
+        """Rates of the judge's partial checks (e.g. subject consistency), over the cases that report them; with
+        the chat, also how often the MLLM drew."""
         out = {}
         for key in PARTIAL_CHECKS:
-            vals = [r.details[key] for r in self.results if r.task == task and r.details.get(key) is not None]
+            vals = self._details(task, key)
             if vals:
                 out[key] = {"score": sum(vals) / len(vals), "n": len(vals)}
+        return out
+
+    def reflection(self, task: str) -> dict | None:
+        """Over the images the MLLM judged (``--reflect N``, N > 0; None without): the mean reflection rounds, how
+        often the final image differs from the first drawing, and the judge's pass rate of the first drawing
+        and of the final image (pooled, not per category)."""
+        rs = [r for r in self.results if r.task == task and "first_passed" in r.details]
+        if not rs:
+            return None
+        mean = lambda vals: sum(vals) / len(rs)  # noqa: E731
+        return {
+            "n": len(rs),
+            "rounds": mean(r.details["reflect_rounds"] for r in rs),
+            "image_changed": mean(r.details["image_changed"] for r in rs),
+            "first_passed": mean(r.details["first_passed"] for r in rs),
+            "final_passed": mean(r.passed for r in rs),
+        }
+
+    def self_verdict_agreement(self, task: str) -> dict | None:
+        """How often the MLLM's first-round verdict on its own drawing agrees with the judge (a match for an
+        image that passes, a mismatch for one that fails; an unparsed answer never agrees), with the counts of
+        each (verdict, judge) pair. None without reflection."""
+        rs = [r for r in self.results if r.task == task and "self_verdict" in r.details]
+        if not rs:
+            return None
+        out = {"score": sum(r.details["self_verdict_agrees"] for r in rs) / len(rs), "n": len(rs)}
+        for verdict in ("match", "mismatch"):
+            for judged, ok in (("passed", True), ("failed", False)):
+                out[f"{verdict}_{judged}"] = sum(
+                    r.details["self_verdict"] == verdict and r.details["first_passed"] == ok for r in rs
+                )
+        out["unparsed"] = sum(r.details["self_verdict"] == "unparsed" for r in rs)
         return out
 
     def summary(self) -> dict:
@@ -84,16 +140,28 @@ class Report:
             cats = {c: {"score": p / n, "passed": p, "n": n} for c, (p, n) in self.categories(t).items()}
             n = sum(c["n"] for c in cats.values())
             tasks[t] = {"score": self.task_score(t), "n": n, "categories": cats, "partial": self.partial(t)}
+            if (refl := self.reflection(t)) is not None:
+                tasks[t]["reflection"] = refl
+            if (agree := self.self_verdict_agreement(t)) is not None:
+                tasks[t]["self_verdict_agreement"] = agree
         return {"overall": self.overall, "tasks": tasks}
 
     def table(self) -> str:
         lines = [f"{'task':<14}{'category':<24}{'score':>7}{'cases':>7}"]
+        row = lambda t, name, score, n: f"{t:<14}{name:<24}{score:>7.3f}{n:>7d}"  # noqa: E731
         for t, s in self.summary()["tasks"].items():
             for c, v in s["categories"].items():
-                lines.append(f"{t:<14}{c:<24}{v['score']:>7.3f}{v['n']:>7d}")
+                lines.append(row(t, c, v["score"], v["n"]))
             for key, v in s["partial"].items():
-                lines.append(f"{t:<14}{'(' + key.replace('_', ' ') + ')':<24}{v['score']:>7.3f}{v['n']:>7d}")
-            lines.append(f"{t:<14}{'= mean':<24}{s['score']:>7.3f}{s['n']:>7d}")
+                lines.append(row(t, "(" + key.replace("_", " ") + ")", v["score"], v["n"]))
+            if refl := s.get("reflection"):
+                lines.append(row(t, "(reflection rounds)", refl["rounds"], refl["n"]))
+                lines.append(row(t, "(image changed)", refl["image_changed"], refl["n"]))
+                lines.append(row(t, "(first image passed)", refl["first_passed"], refl["n"]))
+                lines.append(row(t, "(final image passed)", refl["final_passed"], refl["n"]))
+            if agree := s.get("self_verdict_agreement"):
+                lines.append(row(t, "(self verdict agreement)", agree["score"], agree["n"]))
+            lines.append(row(t, "= mean", s["score"], s["n"]))
         lines.append(f"{'overall':<38}{self.overall:>7.3f}{len(self.results):>7d}")
         return "\n".join(lines)
 
@@ -109,7 +177,7 @@ class Report:
         return path
 
 
-# -- generators --------------------------------------------------------------------------------------------------
+# -- models ------------------------------------------------------------------------------------------------------
 
 
 def pipeline_generate(pipe, steps: int | None = None, height: int = CANVAS, width: int = CANVAS, **kwargs) -> Generate:
@@ -129,6 +197,97 @@ def pipeline_generate(pipe, steps: int | None = None, height: int = CANVAS, widt
         return out.images[0]
 
     return generate
+
+
+def chat_generate(
+    chat,
+    reflect: int = 0,
+    steps: int | None = None,
+    force_draw: bool = False,
+    max_new_tokens: int | None = None,
+    height: int = CANVAS,
+    width: int = CANVAS,
+    **kwargs,
+) -> Generate:
+    """An OmniGen2ChatPipeline as a generator: each case is a fresh one-turn conversation in which the MLLM
+    decides to draw (``force_draw``: the answer starts with ``<|img|>``, for MLLMs that never learned to), then
+    judges and repairs its drawing for up to ``reflect`` rounds. Returns an :class:`Output`: the final image
+    (or the text answered instead) with the rounds in its details; ``max_new_tokens`` (None: the chat's default)
+    and ``kwargs`` go to every chat call."""
+    from ..pipelines.pipeline_chat import IMG_TOKEN
+
+    if max_new_tokens is not None:
+        kwargs["max_new_tokens"] = max_new_tokens
+
+    def generate(prompt: str, input_images: list[PIL.Image.Image], generator: torch.Generator | None) -> Output:
+        chat.reset()
+        out = chat(
+            prompt,
+            input_images=input_images or None,
+            reflect=reflect,
+            generator=generator,
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            assistant_prefix=IMG_TOKEN if force_draw else "",
+            **kwargs,
+        )
+        if not out.images:
+            return Output(out.text, {"answer": out.text, "drew": False})
+        final = out.images[0]
+        first = out.rounds[0].judged if out.rounds else final
+        details = {
+            "answer": out.text,
+            "drew": True,
+            "reflect_rounds": len(out.rounds),
+            "image_changed": first.tobytes() != final.tobytes(),
+            "rounds": [{"answer": r.answer, "verdict": r.verdict, "edited": r.image is not None} for r in out.rounds],
+        }
+        if not out.rounds:
+            return Output(final, details)
+        return Output(final, details, judged=first, verdict=out.rounds[0].verdict)
+
+    return generate
+
+
+def reflection_instruction(question: str) -> str | None:
+    """The instruction of a reflection question (``REFLECT_QUESTION``), or None for any other question."""
+    head, tail = REFLECT_QUESTION.split("{instruction}")
+    if question.startswith(head) and question.endswith(tail) and len(question) > len(head) + len(tail):
+        return question[len(head) : len(question) - len(tail)]
+    return None
+
+
+def chat_answer(
+    chat,
+    steps: int | None = None,
+    max_new_tokens: int | None = None,
+    height: int = CANVAS,
+    width: int = CANVAS,
+) -> Answer:
+    """The chat's MLLM as an ``(image, question) -> answer`` function, greedy, in a fresh one-turn conversation
+    (the question after the image): a reflection question goes through ``chat.judge(image, instruction)``,
+    which asks exactly that question; any other through ``chat(question, [image])``, whose text is the answer
+    (with ``<|img|>`` if it drew instead, drawn with ``steps``, which then fails). ``max_new_tokens`` (None: the
+    chat's default) limits the latter; reflection answers keep the judge's limit, as in the reflection loop."""
+    limit = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+
+    def answer_fn(image: PIL.Image.Image, question: str) -> str:
+        instruction = reflection_instruction(question)
+        if instruction is not None:
+            return chat.judge(image, instruction)
+        chat.reset()
+        out = chat(
+            question,
+            input_images=[image],
+            num_inference_steps=steps,
+            height=height,
+            width=width,
+            **limit,
+        )
+        return out.text
+
+    return answer_fn
 
 
 def _key(prompt: str, images: Sequence[PIL.Image.Image]) -> tuple:
@@ -155,6 +314,22 @@ def oracle_answer(image: PIL.Image.Image, question: str) -> str:
     return answer(question, scene) if not isinstance(scene, judge.Failure) else ""
 
 
+def text_oracle(case_list: Sequence[Case]) -> Answer:
+    """Right answers to text cases: understanding from the judge's reading (:func:`oracle_answer`), reflection
+    the case's own answer, found by question and image pixels."""
+    table = {_key(c.prompt, c.input_images()): c for c in case_list if c.task == "reflection"}
+
+    def answer_fn(image: PIL.Image.Image, question: str) -> str:
+        if reflection_instruction(question) is None:
+            return oracle_answer(image, question)
+        case = table.get(_key(question, [image]))
+        if case is None:
+            raise KeyError(f"the oracle knows no reflection case with question {question!r} and this image")
+        return case.answer
+
+    return answer_fn
+
+
 # -- running -----------------------------------------------------------------------------------------------------
 
 
@@ -163,6 +338,8 @@ def benchmark_cases(tasks: Sequence[str], n: int) -> list[Case]:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; tasks are {', '.join(TASKS)}")
+    if not tasks:
+        raise ValueError(f"no tasks given; tasks are {', '.join(TASKS)}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     return [c for t in tasks for c in cases(t, n, split="eval")]
@@ -175,8 +352,26 @@ def _show(shown: dict, case: Case, per_category: int) -> bool:
     return shown[key] <= per_category
 
 
+def _judge_image(case: Case, made: PIL.Image.Image | Output, inputs: list[PIL.Image.Image]) -> judge.Verdict:
+    """Judge an image case's output; a text answer fails (its partial checks fail as an unreadable image's
+    do); with reflection the details add the judge's reading of the first drawing and the MLLM's verdict."""
+    made = made if isinstance(made, Output) else Output(made)
+    if isinstance(made.value, str):
+        short = made.value if len(made.value) <= 80 else made.value[:77] + "..."
+        failed = {"ic": ("subject_consistency", "arrangement"), "edit": ("change_made", "rest_kept")}
+        details = {"read": None, **dict.fromkeys(failed.get(case.task, ()), False), **made.details}
+        return judge.Verdict(False, f"answered with text: {short!r}", details)
+    v = judge.check(case, made.value, inputs)
+    details = {**v.details, **made.details}
+    if made.judged is not None:
+        first = judge.check(case, made.judged, inputs).passed
+        agrees = made.verdict == ("match" if first else "mismatch")
+        details |= {"first_passed": first, "self_verdict": made.verdict, "self_verdict_agrees": agrees}
+    return judge.Verdict(v.passed, v.reason, details)
+
+
 def run(
-    generate: Generate,
+    generate: Generate | None = None,
     n: int = 60,
     tasks: Sequence[str] = IMAGE_TASKS,
     out_dir: str | Path | None = None,
@@ -184,20 +379,28 @@ def run(
     progress: bool = True,
     grid_per_category: int = 2,
     config: dict | None = None,
+    answer_fn: Answer | None = None,
 ) -> Report:
-    """Generate and judge n cases per image task; write report.json and samples.png to ``out_dir`` if given.
-    Each case's torch generator is seeded from (seed, case), so results do not depend on the case order."""
-    bad = [t for t in tasks if t not in IMAGE_TASKS]
-    if bad:
-        raise ValueError(f"run() scores image tasks ({', '.join(IMAGE_TASKS)}); use score_text() for {bad}")
+    """Score n cases per task — image tasks with ``generate``, text tasks with ``answer_fn`` — in one report;
+    write report.json and samples.png to ``out_dir`` if given. Each image case's torch generator is seeded
+    from (seed, case), so results do not depend on the case order."""
     case_list = benchmark_cases(tasks, n)
+    if generate is None and any(t in IMAGE_TASKS for t in tasks):
+        raise ValueError(f"image tasks ({', '.join(t for t in tasks if t in IMAGE_TASKS)}) need a generator")
+    if answer_fn is None and any(t in TEXT_TASKS for t in tasks):
+        raise ValueError(f"text tasks ({', '.join(t for t in tasks if t in TEXT_TASKS)}) need an answer function")
     results, samples, shown = [], [], {}
     t0 = time.perf_counter()
     for case in tqdm(case_list, desc="ShapesBench", disable=not progress):
         inputs = case.input_images()
-        g = torch.Generator().manual_seed(stable_hash("shapesbench", seed, case.name) % 2**63)
-        output = generate(case.prompt, inputs, g)
-        v = judge.check(case, output, inputs)
+        if case.task in TEXT_TASKS:
+            output = answer_fn(inputs[0], case.prompt)
+            v = judge.check(case, output)
+        else:
+            g = torch.Generator().manual_seed(stable_hash("shapesbench", seed, case.name) % 2**63)
+            made = generate(case.prompt, inputs, g)
+            v = _judge_image(case, made, inputs)
+            output = made.value if isinstance(made, Output) else made
         results.append(CaseResult(case.task, case.category, case.seed, case.prompt, v.passed, v.reason, v.details))
         samples.append((inputs, output) if _show(shown, case, grid_per_category) else None)
     cfg = {"n": n, "tasks": list(tasks), "seed": seed, "seconds": round(time.perf_counter() - t0, 1), **(config or {})}
@@ -216,22 +419,13 @@ def score_text(
     grid_per_category: int = 2,
     config: dict | None = None,
 ) -> Report:
-    """Score an ``(image, question) -> answer`` function on n held-out understanding / reflection cases per
-    task (exact answers after lowercasing and stripping a final period; reflection: the verdict)."""
+    """:func:`run` on text tasks only: score an ``(image, question) -> answer`` function on n held-out
+    understanding / reflection cases per task (exact answers after lowercasing and stripping a final period;
+    reflection: the verdict)."""
     bad = [t for t in tasks if t not in TEXT_TASKS]
     if bad:
         raise ValueError(f"score_text() scores text tasks ({', '.join(TEXT_TASKS)}); use run() for {bad}")
-    results, samples, shown = [], [], {}
-    for case in tqdm(benchmark_cases(tasks, n), desc="ShapesBench text", disable=not progress):
-        (image,) = case.input_images()
-        reply = answer_fn(image, case.prompt)
-        v = judge.check(case, reply)
-        results.append(CaseResult(case.task, case.category, case.seed, case.prompt, v.passed, v.reason, v.details))
-        samples.append(([image], reply) if _show(shown, case, grid_per_category) else None)
-    report = Report(results, {"n": n, "tasks": list(tasks), **(config or {})})
-    if out_dir is not None:
-        report.save(out_dir, samples)
-    return report
+    return run(None, n, tasks, out_dir, 0, progress, grid_per_category, config, answer_fn=answer_fn)
 
 
 # -- the sample grid ---------------------------------------------------------------------------------------------
@@ -277,16 +471,43 @@ def evaluate_model(
     steps: int | None = None,
     device: str | None = None,
     progress: bool = True,
+    reflect: int | None = None,
+    force_draw: bool = False,
+    max_new_tokens: int | None = None,
 ) -> Report:
-    """``omnigen2 eval shapes``: load a pipeline (or ``oracle``: the judge's self-check) and run ShapesBench."""
+    """``omnigen2 eval shapes``: load a pipeline (or ``oracle``: the judge's self-check) and run ShapesBench on
+    image and text tasks together. Image tasks draw through the generation pipeline, or with ``reflect=N``
+    through the chat pipeline (the MLLM decides to draw, ``force_draw`` makes it, then N reflection rounds);
+    text tasks are answered by the chat's MLLM."""
+    case_list = benchmark_cases(tasks, n)  # unknown tasks fail before the model loads
+    if reflect is not None and reflect < 0:
+        raise ValueError(f"--reflect must be >= 0, got {reflect}")
+    if force_draw and reflect is None:
+        raise ValueError("--force-draw applies to the chat path: give --reflect N (N = 0 for no reflection)")
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
     if model == "oracle":
-        generate = oracle(benchmark_cases(tasks, n))
+        if reflect is not None:
+            raise ValueError("--reflect needs a model; the oracle renders the right answers")
+        generate, answer_fn = oracle(case_list), text_oracle(case_list)
     else:
-        from ..pipelines import OmniGen2Pipeline
+        from ..pipelines import OmniGen2ChatPipeline, OmniGen2Pipeline
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = OmniGen2Pipeline.from_pretrained(model, device=device)
         pipe.set_progress_bar_config(disable=True)
-        generate = pipeline_generate(pipe, steps=steps)
-    config = {"model": str(model), "steps": steps}
-    return run(generate, n, tasks, out_dir, seed, progress=progress, config=config)
+        chat = OmniGen2ChatPipeline(pipe)  # shares the pipeline's components
+        if reflect is None:
+            generate = pipeline_generate(pipe, steps=steps)
+        else:
+            generate = chat_generate(chat, reflect, steps, force_draw, max_new_tokens)
+        answer_fn = chat_answer(chat, steps, max_new_tokens)
+    config = {
+        "model": str(model),
+        "steps": steps,
+        "images": "pipeline" if reflect is None else "chat",
+        "reflect": reflect,
+        "force_draw": force_draw,
+        "max_new_tokens": max_new_tokens,
+    }
+    return run(generate, n, tasks, out_dir, seed, progress=progress, config=config, answer_fn=answer_fn)

@@ -248,9 +248,10 @@ def stage_transformer(out: Path, data: Path, b: Budget, base: Path) -> Path:
                 "max_output_pixels": 4096,
                 "max_side_length": 64,
                 "prompt_dropout": 0.1,
-                # Enough reference-free samples for the image-guidance branch; most edit / in-context samples
-                # keep their references (the task cannot be learned without them).
-                "ref_image_dropout": 0.1,
+                "ref_image_dropout": 0.5,  # of the dropped-prompt samples: the unconditional branch
+                # A third of the texts in the chat form (ending with the assistant's turn), so that a chat turn
+                # answering <|img|> conditions the transformer as well as the generation pipeline does.
+                "generation_prompt_prob": 0.3,
                 "caption_prefix_drop": 0.0,
                 "check_images": False,
             },

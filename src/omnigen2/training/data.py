@@ -241,6 +241,9 @@ class DataConfig:
     prompt_dropout: float = 0.0
     ref_image_dropout: float = 0.0  # applies to samples whose prompt was dropped (the guidance branches)
     caption_prefix_drop: float = 0.5
+    # The share of samples whose text ends with the assistant's generation prompt, the form a chat turn that
+    # answers <|img|> conditions on (OmniGen2ChatPipeline); the generation pipeline's form has none.
+    generation_prompt_prob: float = 0.0
     max_token_len: int = 1024
     check_images: bool = True
     cache_latents: bool = True  # keep each image's VAE posterior in memory (inputs are re-used every epoch)
@@ -279,11 +282,11 @@ class MixtureDataset:
         src = int(rng.choice(len(self.sources), p=self.weights))
         return src, int(rng.integers(len(self.sources[src])))
 
-    def chat(self, instruction: str) -> str:
+    def chat(self, instruction: str, generation_prompt: bool = False) -> str:
         # The dropped prompt uses the inference negative template (system prompt + empty user turn); the
         # original used a different system prompt here, so its unconditional branch never matched inference.
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": instruction}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
     def _spec(self, path: str, max_pixels: int, rec: Record) -> ImageSpec:
         return ImageSpec(path, max_pixels, self.cfg.max_side_length, self.cfg.size_multiple, rec.where)
@@ -302,7 +305,8 @@ class MixtureDataset:
                     break
         drop_prompt = float(rng.random()) < self.cfg.prompt_dropout
         drop_refs = drop_prompt and float(rng.random()) < self.cfg.ref_image_dropout
-        text = self.chat("" if drop_prompt else instruction)
+        chat_form = self.cfg.generation_prompt_prob > 0 and float(rng.random()) < self.cfg.generation_prompt_prob
+        text = self.chat("" if drop_prompt else instruction, chat_form)
         inputs = [] if drop_refs else rec.input_images
         mip = self.cfg.max_input_pixels
         if isinstance(mip, list):
