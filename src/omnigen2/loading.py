@@ -243,9 +243,37 @@ def load_pipeline(cls, name_or_path, torch_dtype=None, device=None, allow_pickle
     }
     pipe._model_index_extra = {k: v for k, v in index.items() if k not in COMPONENTS and not k.startswith("_")}
     pipe.sampling_defaults = dict(index.get("omnigen2_sampling", {}))
+    pipe.reflection_adapter = load_reflection_adapter(root)
     if dev is not None:
         pipe.to(dev)
     return pipe
+
+
+REFLECTION_ADAPTER_DIR = "mllm_reflection"  # optional: a LoRA adapter of the MLLM used for judging turns
+
+
+def load_reflection_adapter(root: Path) -> dict | None:
+    """``{"config": peft LoraConfig kwargs, "state_dict": LoRA tensors}`` from ``root/mllm_reflection`` (peft's
+    adapter_config.json + adapter_model.safetensors), or None when the checkpoint has none."""
+    folder = Path(root) / REFLECTION_ADAPTER_DIR
+    if not (folder / "adapter_config.json").is_file():
+        return None
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{folder} has adapter_config.json but no adapter_model.safetensors")
+    from safetensors.torch import load_file
+
+    return {"config": json.loads((folder / "adapter_config.json").read_text()), "state_dict": load_file(weights)}
+
+
+def save_reflection_adapter(adapter: dict, root: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder = Path(root) / REFLECTION_ADAPTER_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps(adapter["config"], indent=2, sort_keys=True) + "\n")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter["state_dict"].items()}
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
 
 
 def _own_aligned_memory(module: torch.nn.Module) -> None:
@@ -290,6 +318,8 @@ def save_pipeline(pipe, save_directory, max_shard_size: str = "5GB") -> None:
     pipe.scheduler.save_pretrained(tmp / "scheduler")
     pipe.mllm.save_pretrained(tmp / "mllm", max_shard_size=max_shard_size)
     pipe.processor.save_pretrained(tmp / "processor")
+    if getattr(pipe, "reflection_adapter", None):
+        save_reflection_adapter(pipe.reflection_adapter, tmp)
     for name, data in pipe._processor_files.items():
         if not (tmp / "processor" / name).exists():
             (tmp / "processor" / name).write_bytes(data)

@@ -387,3 +387,45 @@ def test_cli_chat(official_tiny, tmp_path, capsys):
     assert main(["chat", "x", *["-i", str(official_tiny / "cases" / "in_a.png")] * 6, *model]) == 2
     err = capsys.readouterr().err
     assert "not a readable image" in err and "does not exist" in err and "at most 5" in err
+
+
+# -- the reflection adapter -------------------------------------------------------------------------------------
+
+
+def test_reflection_adapter_is_on_only_while_judging(official_tiny, tmp_path, inputs):
+    """A trained adapter round-trips through the checkpoint, changes what the judge answers, and leaves the
+    image conditioning (and the base MLLM) exactly as without it."""
+    from omnigen2 import OmniGen2Pipeline
+    from omnigen2.shapes.pretrain import UnderstandingBatcher
+    from omnigen2.shapes.reflection import train_reflection_adapter
+
+    pipe = OmniGen2Pipeline.from_pretrained(official_tiny / "checkpoint")
+    pipe.set_progress_bar_config(disable=True)
+    base = OmniGen2ChatPipeline(pipe)
+    before = {k: v.clone() for k, v in pipe.mllm.state_dict().items()}
+    batcher = UnderstandingBatcher(pipe.tokenizer, base.vision_processor)
+    examples = [([inputs["in_a"]], REFLECT_QUESTION.format(instruction="a red circle"), MATCHES)] * 4
+    torch.manual_seed(0)
+    adapter, losses = train_reflection_adapter(pipe.mllm, batcher, examples, steps=6, batch_size=2, lr=1e-2)
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(before[k], v) for k, v in pipe.mllm.state_dict().items())  # a copy was trained
+    assert adapter["state_dict"] and all("lora_" in k for k in adapter["state_dict"])
+
+    pipe.reflection_adapter = adapter
+    pipe.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "mllm_reflection" / "adapter_model.safetensors").is_file()
+    with_adapter = OmniGen2ChatPipeline.from_pretrained(tmp_path / "ckpt")
+    with_adapter.set_progress_bar_config(disable=True)
+    loaded = with_adapter.pipe.reflection_adapter["state_dict"]
+    assert all(torch.equal(loaded[k], v) for k, v in adapter["state_dict"].items())
+
+    kw = dict(assistant_prefix="<|img|>", **KW)
+    a, b = base("a red circle", generator=seed(), **kw), with_adapter("a red circle", generator=seed(), **kw)
+    assert torch.equal(a.prompt_embeds, b.prompt_embeds)  # the adapter is off for the drawing pass
+    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    ids, vision = base.build_inputs([Turn(REFLECT_QUESTION.format(instruction="a red circle"), [inputs["in_a"]])])
+    plain = base.run_mllm(ids, vision, max_new_tokens=0).hidden
+    with with_adapter.judging():
+        judged = with_adapter.run_mllm(ids, vision, max_new_tokens=0).hidden
+    assert (plain - judged).abs().max() > 1e-4  # ... and on while judging
+    assert torch.equal(with_adapter.run_mllm(ids, vision, max_new_tokens=0).hidden, plain)  # off again after

@@ -10,6 +10,7 @@ details, the reflection loop and the differences from the original.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -139,6 +140,7 @@ class OmniGen2ChatPipeline:
         self.img_token_id = ids[IMG_TOKEN] if ids[IMG_TOKEN] in self.stop_ids else None
         self.image_token_id = self.mllm.config.image_token_id  # <|image_pad|>
         self._vision_processor = None
+        self._adapter_layers = attach_reflection_adapter(self.mllm, pipe.reflection_adapter)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype=None, device=None, **kwargs):
@@ -329,8 +331,18 @@ class OmniGen2ChatPipeline:
         """Ask the MLLM, in a fresh one-turn conversation, whether ``image`` matches ``instruction``
         (``REFLECT_QUESTION``); its greedy answer, special tokens removed."""
         ids, vision = self.build_inputs([Turn(REFLECT_QUESTION.format(instruction=instruction), [image])])
-        answer = self.run_mllm(ids, vision, max_new_tokens=max_new_tokens).answer_ids
+        with self.judging():
+            answer = self.run_mllm(ids, vision, max_new_tokens=max_new_tokens).answer_ids
         return self.tokenizer.decode(answer, skip_special_tokens=True).strip()
+
+    @contextlib.contextmanager
+    def judging(self):
+        """The checkpoint's reflection adapter switched on (when it has one) for the enclosed MLLM calls only."""
+        _set_adapters(self._adapter_layers, True)
+        try:
+            yield
+        finally:
+            _set_adapters(self._adapter_layers, False)
 
     def reflect(self, image, instruction: str, rounds: int, generator=None, **image_kwargs) -> list[ReflectionRound]:
         """Judge ``image`` against ``instruction``; on "does not match: {problem}. {fix}" edit it with ``fix``
@@ -446,6 +458,32 @@ class OmniGen2ChatPipeline:
         if len(input_images) > MAX_REF_IMAGES:
             raise ValueError(f"{len(input_images)} input images; OmniGen2 takes at most {MAX_REF_IMAGES} per turn")
         return [check_image(im, name=f"input image {k}") for k, im in enumerate(input_images)]
+
+
+def attach_reflection_adapter(mllm, adapter: dict | None) -> list:
+    """Inject the reflection LoRA adapter into ``mllm`` (peft) and switch it off; returns its LoRA layers.
+
+    The MLLM stays frozen for the diffusion transformer, whose text conditioning comes from it: judging the
+    model's own images is taught to an adapter that is on only during judging turns (``judging()``)."""
+    if not adapter:
+        return []
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    fields = LoraConfig.__dataclass_fields__
+    config = LoraConfig(**{k: v for k, v in adapter["config"].items() if k in fields and k != "peft_type"})
+    inject_adapter_in_model(config, mllm, adapter_name="reflection")
+    result = set_peft_model_state_dict(mllm, adapter["state_dict"], adapter_name="reflection")
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"reflection adapter keys not in the MLLM: {result.unexpected_keys[:5]}")
+    layers = [m for m in mllm.modules() if isinstance(m, BaseTunerLayer)]
+    _set_adapters(layers, False)
+    return layers
+
+
+def _set_adapters(layers: list, enabled: bool) -> None:
+    for layer in layers:
+        layer.enable_adapters(enabled)
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:

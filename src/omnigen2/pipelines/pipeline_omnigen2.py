@@ -81,6 +81,9 @@ class OmniGen2Pipeline(DiffusionPipeline):
         self.sampling_defaults: dict[str, Any] = {}
         self._processor_files: dict[str, bytes] = {}  # processor/ files the tokenizer does not write itself
         self._model_index_extra: dict[str, Any] = {}
+        # An optional LoRA adapter of the MLLM for judging turns (loading.load_reflection_adapter); the chat
+        # pipeline switches it on only while judging, so the image conditioning never sees it.
+        self.reflection_adapter: dict | None = None
 
     # -- loading / saving (see omnigen2.loading) -------------------------------------------------------------
 

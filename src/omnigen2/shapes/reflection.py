@@ -248,3 +248,58 @@ def reflection_records(
     summary.fixes = {k: fixes[k] for k in PREFERENCE}
     summary.tasks = {t: {k: c[k] for k in KINDS} for t, c in per_task.items()}
     return summary
+
+
+# -- the reflection adapter ---------------------------------------------------------------------------------------
+
+# LoRA on the language model's projections and the vision tower's blocks. The MLLM itself stays frozen: the
+# diffusion transformer is conditioned on its hidden states, so judging is taught to an adapter that the chat
+# pipeline switches on for judging turns only (OmniGen2ChatPipeline.judging).
+REFLECTION_LORA = {
+    "r": 16,
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    "target_modules": r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    r"|visual\.blocks.*\.(qkv|proj|gate_proj|up_proj|down_proj))",
+}
+
+
+def read_records(path: str | os.PathLike) -> list[tuple[list[PIL.Image.Image], str, str]]:
+    """(images, question, answer) triples of an understanding-format records.jsonl (images relative to it)."""
+    import json
+
+    path = Path(path)
+    out = []
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        out.append(([PIL.Image.open(path.parent / r["image"]).convert("RGB")], r["question"], r["answer"]))
+    return out
+
+
+def train_reflection_adapter(
+    mllm, batcher, examples: Sequence, steps: int, batch_size: int = 32, lr: float = 1e-3, adapter: dict | None = None
+) -> tuple[dict, list[float]]:
+    """Train the reflection LoRA on (images, question, answer) examples, starting from ``adapter`` when given (the
+    second round continues the first). ``mllm`` is not modified (a copy is trained). Returns the adapter in the
+    checkpoint's form, ``{"config", "state_dict"}``, and the loss history."""
+    import copy
+    import random
+
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+
+    from .pretrain import train_mllm
+
+    model = copy.deepcopy(mllm)
+    inject_adapter_in_model(LoraConfig(**REFLECTION_LORA), model, adapter_name="reflection")
+    if adapter is not None:
+        set_peft_model_state_dict(model, adapter["state_dict"], adapter_name="reflection")
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+    def batch(step: int):
+        rng = random.Random(step)
+        return batcher([examples[rng.randrange(len(examples))] for _ in range(batch_size)])
+
+    history = train_mllm(model, batch, steps, lr=lr, warmup=min(50, steps // 10))
+    state = get_peft_model_state_dict(model, adapter_name="reflection")
+    return {"config": {"peft_type": "LORA", **REFLECTION_LORA}, "state_dict": state}, history
