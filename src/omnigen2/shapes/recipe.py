@@ -41,13 +41,15 @@ class Budget:
     transformer_steps: int
     transformer_batch: int
     transformer_lr: float = 1e-3
+    reflection_cases: int = 600  # generated training cases per image task and round
+    reflection_steps: int = 600
 
 
 BUDGETS = {
-    "smoke": Budget(16, 32, 4, 4, 4, 4, 4, 4),
+    "smoke": Budget(16, 32, 4, 4, 4, 4, 4, 4, reflection_cases=4, reflection_steps=2),
     # Measured on 2 cores: VAE ~0.5 s/step at batch 16; the transformer stage dominates (~1 s/step at batch 16
     # for the 4.4M-parameter miniature): these steps are the ~2 h envelope, to be tuned on ShapesBench.
-    "cpu": Budget(4000, 6000, 1500, 16, 1500, 32, 5000, 16),
+    "cpu": Budget(10000, 6000, 2000, 16, 4000, 32, 5000, 16),
     "gpu": Budget(30000, 30000, 6000, 64, 6000, 64, 60000, 64, 2e-3),
 }
 SAMPLING = {
@@ -255,6 +257,11 @@ def stage_transformer(out: Path, data: Path, b: Budget, base: Path) -> Path:
                 "caption_prefix_drop": 0.0,
                 "check_images": False,
             },
+            # No time shift, in training as in sampling (the base's scheduler has dynamic_time_shift off): the
+            # original's shift m = sqrt(tokens) / 20 is 0.4 at 64 tokens, which moves t towards the clean end;
+            # the noisy steps, where the prompt decides the layout, were then almost never trained and every
+            # prompt drew the same seed-determined image (measured on a first run, docs/SHAPES.md).
+            "objective": {"time_shift": "none", "time_sampler": "lognorm"},
             "train": {
                 "steps": b.transformer_steps,
                 "batch_size": b.transformer_batch,
@@ -276,6 +283,70 @@ def stage_transformer(out: Path, data: Path, b: Budget, base: Path) -> Path:
     trainer = Trainer(cfg)
     trainer.fit(resume="latest")
     return run
+
+
+def _reflection_examples(out: Path, rounds: list[Path]) -> tuple[list, list, list]:
+    """Three pools for the reflection adapter: the model's images the judge passed, those it failed (with the
+    judge's problem and fix), and the synthetic reflection cases of the training data (rendered mistakes)."""
+    from .reflection import read_records
+
+    model = [ex for r in rounds for ex in read_records(r / "records.jsonl")]
+    match = [ex for ex in model if ex[2].startswith("the image matches")]
+    mismatch = [ex for ex in model if not ex[2].startswith("the image matches")]
+    synthetic = read_records(out / "data" / "reflection" / "records.jsonl")
+    return match, mismatch, synthetic
+
+
+def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path:
+    """The paper's reflection data, twice: generate images with the model on training prompts, label them with
+    the judge (standing in for the external VLM: a verdict, and for a mismatch its problem and one fixing edit),
+    train the MLLM's reflection adapter; round 2 labels the images of the round-1 model after one reflection
+    round (judged and repaired by itself), and continues training the adapter. Writes OUT/final_reflect."""
+    import random
+
+    from ..eval.shapesbench import pipeline_generate
+    from ..pipelines import OmniGen2ChatPipeline
+    from .pretrain import UnderstandingBatcher
+    from .reflection import reflection_records, train_reflection_adapter
+    from .tasks import IMAGE_TASKS
+
+    target = out / "final_reflect"
+    if (target / "model_index.json").is_file():
+        return target
+    source, adapter, done = final, None, []
+    for r in range(1, rounds + 1):
+        chat = OmniGen2ChatPipeline.from_pretrained(source)
+        chat.set_progress_bar_config(disable=True)
+        data = out / f"reflection_round{r}"
+        if not (data / "records.jsonl").is_file():
+            draw = pipeline_generate(chat.pipe)
+
+            def generate(prompt, inputs, g, draw=draw, chat=chat, r=r):
+                image = draw(prompt, inputs, g)
+                if r == 1:
+                    return image
+                rounds_ = chat.reflect(image, prompt, 1, generator=g, height=64, width=64)
+                return rounds_[0].image or image  # the repaired image when the model found a problem
+
+            summary = reflection_records(generate, b.reflection_cases, data, start=(r + 1) * 10**6, tasks=IMAGE_TASKS)
+            logger.info("reflection round %d data: %s; fixes %s", r, summary.kinds, summary.fixes)
+        done.append(data)
+        match, mismatch, synthetic = _reflection_examples(out, done)
+        rng = random.Random(r)
+        pools = [(match, 0.35), (mismatch, 0.35), (synthetic, 0.3)]
+        pools = [(p, w) for p, w in pools if p]
+        examples = [rng.choice(rng.choices([p for p, _ in pools], [w for _, w in pools])[0]) for _ in range(20000)]
+        batcher = UnderstandingBatcher(chat.tokenizer, chat.vision_processor)
+        base_mllm = OmniGen2ChatPipeline.from_pretrained(final).mllm  # a clean MLLM (no adapter layers)
+        adapter, _ = train_reflection_adapter(base_mllm, batcher, examples, b.reflection_steps, adapter=adapter)
+        pipe = OmniGen2ChatPipeline.from_pretrained(final).pipe
+        pipe.reflection_adapter = adapter
+        source = out / f"final_reflect_round{r}"
+        pipe.save_pretrained(source)
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
 
 
 def learning_curve(out: Path, n: int = 60, tasks: tuple[str, ...] = ("t2i", "edit", "ic")) -> list[dict]:
@@ -330,6 +401,8 @@ def run(out: Path, budget: str = "cpu", curve: int = 0) -> Path:
     logger.info("bundled model written to %s", final)
     if curve:
         learning_curve(out, curve)
+    final = stage_reflection(out, final, b)
+    logger.info("with the reflection adapter: %s", final)
     return final
 
 

@@ -1,0 +1,31 @@
+"""The bundled model's recipe end to end at the smoke budget: every stage runs with the project's own code and
+the result loads as a pipeline (with its reflection adapter) and generates. Quality is not checked here (smoke
+steps train nothing); tests/shapes/test_builtin.py checks the shipped model's quality."""
+
+from __future__ import annotations
+
+import json
+
+from omnigen2 import OmniGen2ChatPipeline
+from omnigen2.shapes import recipe
+
+
+def test_smoke_recipe_end_to_end(tmp_path):
+    final = recipe.run(tmp_path, "smoke", curve=2)
+    assert final == tmp_path / "final_reflect"
+    for stage in ("data/mix.yml", "tokenizer/tokenizer.json", "vae/reconstruction.json", "mllm/understanding.json"):
+        assert (tmp_path / stage).is_file(), stage
+    assert json.loads((tmp_path / "vae" / "reconstruction.json").read_text())["judge_pass_rate"] >= 0.0
+    curve = json.loads((tmp_path / "learning_curve.json").read_text())
+    assert [row["step"] for row in curve] == sorted(row["step"] for row in curve) and curve
+    index = json.loads((final / "model_index.json").read_text())
+    assert index["omnigen2_domain"] == "shapes" and index["omnigen2_sampling"] == recipe.SAMPLING
+    assert (final / "mllm_reflection" / "adapter_model.safetensors").is_file()
+
+    chat = OmniGen2ChatPipeline.from_pretrained(final)
+    chat.set_progress_bar_config(disable=True)
+    assert chat._adapter_layers  # the reflection adapter is attached (and off outside judging)
+    out = chat("a red circle", assistant_prefix="<|img|>", num_inference_steps=2)
+    assert out.images[0].size == (64, 64)
+    # Rerunning finds every stage done and returns the same model.
+    assert recipe.run(tmp_path, "smoke") == final
