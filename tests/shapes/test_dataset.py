@@ -55,3 +55,12 @@ def test_understanding_records_have_exact_answers(dataset):
 def test_unknown_tasks_are_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown tasks"):
         write_dataset(tmp_path, 1, tasks=("t2v",))
+
+
+def test_parallel_writing_gives_the_same_data(tmp_path):
+    one = write_dataset(tmp_path / "one", 6, tasks=("edit", "understanding"))
+    two = write_dataset(tmp_path / "two", 6, tasks=("edit", "understanding"), workers=2)
+    for task in ("edit", "understanding"):
+        assert one.files[task].read_text() == two.files[task].read_text()
+        for png in (tmp_path / "one" / task / "images").iterdir():
+            assert png.read_bytes() == (tmp_path / "two" / task / "images" / png.name).read_bytes()

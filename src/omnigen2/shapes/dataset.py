@@ -79,15 +79,23 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)  # a records file is complete or absent
 
 
+def _write_records(args: tuple[str, list[Case], Path]) -> list[dict]:
+    task, chunk, images_dir = args
+    make = image_record if task in IMAGE_TASKS else text_record
+    return [make(case, images_dir) for case in chunk]
+
+
 def write_dataset(
     out_dir: str | os.PathLike,
     n_per_task: int,
     seed_offset: int = 0,
     tasks: tuple[str, ...] = ALL_TASKS,
     ratios: dict[str, float] | None = None,
+    workers: int = 1,
 ) -> DatasetSummary:
     """Write ``n_per_task`` cases of each task (spread over its categories) from training seeds >= seed_offset.
-    Calls with offsets far apart write disjoint data; evaluation seeds are never used."""
+    Calls with offsets far apart write disjoint data; evaluation seeds are never used. ``workers`` > 1 renders in
+    that many processes (the records and images are the same, in the same order)."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; tasks are {', '.join(TASKS)}")
@@ -96,8 +104,16 @@ def write_dataset(
     for task in tasks:
         images_dir = root / task / "images"
         images_dir.mkdir(parents=True, exist_ok=True)
-        make = image_record if task in IMAGE_TASKS else text_record
-        records = [make(case, images_dir) for case in cases(task, n_per_task, split="train", start=seed_offset)]
+        todo = cases(task, n_per_task, split="train", start=seed_offset)
+        size = max(1, -(-len(todo) // max(1, workers)))
+        chunks = [(task, todo[i : i + size], images_dir) for i in range(0, len(todo), size)]
+        if workers > 1 and len(chunks) > 1:
+            from multiprocessing import get_context
+
+            with get_context("spawn").Pool(min(workers, len(chunks))) as pool:
+                records = [r for part in pool.map(_write_records, chunks) for r in part]
+        else:
+            records = [r for chunk in chunks for r in _write_records(chunk)]
         path = root / task / "records.jsonl"
         _write_jsonl(path, records)
         summary.files[task], summary.counts[task] = path, len(records)

@@ -49,8 +49,10 @@ BUDGETS = {
     "smoke": Budget(16, 32, 4, 4, 4, 4, 4, 4, reflection_cases=4, reflection_steps=2),
     # Measured on 2 cores: VAE ~0.5 s/step at batch 16; the transformer stage dominates (~1 s/step at batch 16
     # for the 4.4M-parameter miniature): these steps are the ~2 h envelope, to be tuned on ShapesBench.
-    "cpu": Budget(10000, 6000, 2000, 16, 4000, 32, 5000, 16),
-    "gpu": Budget(30000, 30000, 6000, 64, 6000, 64, 60000, 64, 2e-3),
+    "cpu": Budget(10000, 6000, 2000, 16, 4000, 32, 7000, 16),
+    # One lent-GPU call (scripts/shapes_gpu.sh carries the CPU-trained tokenizer, VAE and MLLM, so only the data
+    # and the transformer run there); the steps are a guess until timed on the device.
+    "gpu": Budget(30000, 30000, 6000, 64, 6000, 64, 8000, 64, 1e-3),
 }
 SAMPLING = {
     "num_inference_steps": 16,
@@ -96,13 +98,16 @@ def vae_judge_pass_rate(vae, n_per_task: int = 40) -> float:
 
 
 def stage_data(out: Path, b: Budget) -> Path:
+    import os
+
     from .dataset import write_dataset
 
+    workers = max(1, (os.cpu_count() or 1) - 1)
     if not (out / "data" / "mix.yml").is_file():
-        write_dataset(out / "data", b.n_per_task, tasks=("t2i", "edit", "ic"))
+        write_dataset(out / "data", b.n_per_task, tasks=("t2i", "edit", "ic"), workers=workers)
     for task, n in (("understanding", b.n_understanding), ("reflection", b.n_understanding // 2)):
         if not (out / "data" / task / "records.jsonl").is_file():
-            write_dataset(out / "data", n, tasks=(task,))
+            write_dataset(out / "data", n, tasks=(task,), workers=workers)
     return out / "data"
 
 
@@ -381,7 +386,7 @@ def learning_curve(out: Path, n: int = 60, tasks: tuple[str, ...] = ("t2i", "edi
     return curve
 
 
-def run(out: Path, budget: str = "cpu", curve: int = 0) -> Path:
+def run(out: Path, budget: str = "cpu", curve: int = 0, reflection: bool = True) -> Path:
     from .bundle import assemble
 
     b = BUDGETS[budget]
@@ -401,8 +406,9 @@ def run(out: Path, budget: str = "cpu", curve: int = 0) -> Path:
     logger.info("bundled model written to %s", final)
     if curve:
         learning_curve(out, curve)
-    final = stage_reflection(out, final, b)
-    logger.info("with the reflection adapter: %s", final)
+    if reflection:
+        final = stage_reflection(out, final, b)
+        logger.info("with the reflection adapter: %s", final)
     return final
 
 
@@ -413,9 +419,10 @@ def main(argv=None) -> int:
     p.add_argument(
         "--curve", type=int, default=0, metavar="N", help="also score every kept checkpoint on N cases per task"
     )
+    p.add_argument("--no-reflection", action="store_true", help="stop after the export (no reflection stage)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run(Path(args.out), args.budget, args.curve)
+    run(Path(args.out), args.budget, args.curve, reflection=not args.no_reflection)
     return 0
 
 
