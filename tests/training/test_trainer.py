@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from omnigen2 import OmniGen2Pipeline
 from omnigen2.training import Trainer, config_from_dict, export
+from omnigen2.training.data import ImageSpec
 
 from .conftest import COLORS
 
@@ -84,6 +85,47 @@ def test_overfits_four_samples(base_config, four_samples, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     mse_after = sample_mse(pipe, four_samples)
     assert mse_after < 0.5 * mse_before, (mse_before, mse_after)
+
+
+def test_learns_to_follow_the_prompt(base_config, four_samples, tmp_path):
+    """Two images that differ only by their prompt: after training, the model's estimate of the clean latents
+    from nearly pure noise must be far better with the right prompt than with the other one. (The overfitting
+    test above cannot see a model that ignores its text: the mean image also moves towards every target.)"""
+    data = tmp_path / "two.jsonl"
+    records = [
+        {"task_type": "t2i", "instruction": "a red circle", "output_image": str(four_samples / "img" / "0.png")},
+        {"task_type": "t2i", "instruction": "a blue square", "output_image": str(four_samples / "img" / "1.png")},
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    cfg = config_from_dict(
+        base_config(
+            data={"path": str(data)},
+            train={"steps": 400, "batch_size": 4, "lr": 2e-3, "warmup_steps": 20, "schedule": "constant"},
+            objective={"time_shift": "fixed", "shift_factor": 3.0},
+            output={"save_every": 10**6},
+        )
+    )
+    trainer = Trainer(cfg)
+    trainer.fit()
+    pipe, model = trainer.pipe, trainer.transformer.eval()
+    x1 = trainer._latents(
+        [ImageSpec(str(four_samples / "img" / f"{i}.png"), 4096, None, 16, "t") for i in (0, 1)], [None] * 2
+    )
+    emb, mask = pipe.encode_text(["a red circle", "a blue square"], 64, "cpu")
+    g = torch.Generator().manual_seed(0)
+    t = 0.05
+    xt = [t * x + (1 - t) * torch.randn(x.shape, generator=g) for x in x1]
+
+    def error(text, text_mask):
+        with torch.no_grad():
+            v = model(xt, torch.full((2,), t), text, None, text_mask, None)
+        return [float((x + (1 - t) * u - y).square().mean()) for x, u, y in zip(xt, v, x1)]
+
+    right, swapped = error(emb, mask), error(emb[[1, 0]], mask[[1, 0]])
+    # Answering with the other image costs ``apart``; a model that ignores the prompt answers with the mean of
+    # the two for both prompts, and its error does not change when they are swapped.
+    apart = float((x1[0] - x1[1]).square().mean())
+    assert all(w - r > 0.5 * apart for r, w in zip(right, swapped)), (right, swapped, apart)
 
 
 def test_resume_continues_the_same_run(base_config, tmp_path):

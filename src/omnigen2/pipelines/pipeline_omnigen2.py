@@ -473,7 +473,11 @@ class OmniGen2Pipeline(DiffusionPipeline):
 
         # 4. Sampler and guidance branches (layouts, masks and RoPE built once)
         sched = (
-            make_scheduler(scheduler, self.scheduler.config.get("dynamic_time_shift", True))
+            make_scheduler(
+                scheduler,
+                self.scheduler.config.get("dynamic_time_shift", True),
+                self.scheduler.config.get("time_shift_factor"),
+            )
             if scheduler
             else self.scheduler
         )

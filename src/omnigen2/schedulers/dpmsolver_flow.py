@@ -33,6 +33,7 @@ class DPMSolverMultistepScheduler(SchedulerMixin, ConfigMixin):
         euler_at_final: bool = False,
         final_sigmas_type: str = "zero",
         dynamic_time_shift: bool = True,
+        time_shift_factor: float | None = None,
     ):
         if algorithm_type != "dpmsolver++":
             raise NotImplementedError(f"algorithm_type {algorithm_type!r}: only 'dpmsolver++' is supported")
@@ -62,7 +63,9 @@ class DPMSolverMultistepScheduler(SchedulerMixin, ConfigMixin):
         if timesteps is None:
             if not num_inference_steps or num_inference_steps < 1:
                 raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-            t = shifted_timesteps(num_inference_steps, num_tokens, self.config.dynamic_time_shift)
+            t = shifted_timesteps(
+                num_inference_steps, num_tokens, self.config.dynamic_time_shift, self.config.time_shift_factor
+            )
             t = torch.from_numpy(t)
         else:
             t = torch.as_tensor(timesteps, dtype=torch.float32)

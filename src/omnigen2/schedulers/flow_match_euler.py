@@ -14,7 +14,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
 
-def shifted_timesteps(num_inference_steps: int, num_tokens: int | None, dynamic_time_shift: bool) -> np.ndarray:
+def shifted_timesteps(
+    num_inference_steps: int, num_tokens: int | None, dynamic_time_shift: bool, shift_factor: float | None = None
+) -> np.ndarray:
     """``num_inference_steps`` times in [0, 1), warped towards 0 for large images.
 
     With m = sqrt(num_tokens) / 40 (1.0 at 320x320 with a 16x latent-token stride, 3.2 at 1024x1024),
@@ -25,6 +27,9 @@ def shifted_timesteps(num_inference_steps: int, num_tokens: int | None, dynamic_
     if dynamic_time_shift and num_tokens is not None:
         m = np.sqrt(num_tokens) / 40
         t = t / (m - m * t + t)
+    elif shift_factor is not None:  # a fixed warp (not in the original): small models trained with it
+        m = np.float32(shift_factor)
+        t = t / (m - m * t + t)
     return t
 
 
@@ -34,7 +39,9 @@ class FlowMatchEulerDiscreteScheduler(SchedulerMixin, ConfigMixin):
     order = 1
 
     @register_to_config
-    def __init__(self, num_train_timesteps: int = 1000, dynamic_time_shift: bool = False):
+    def __init__(
+        self, num_train_timesteps: int = 1000, dynamic_time_shift: bool = False, time_shift_factor: float | None = None
+    ):
         self.timesteps = torch.linspace(0, 1, num_train_timesteps + 1, dtype=torch.float32)[:-1]
         self._t_ext = torch.cat([self.timesteps, torch.ones(1)])
         self._step_index = 0
@@ -51,7 +58,9 @@ class FlowMatchEulerDiscreteScheduler(SchedulerMixin, ConfigMixin):
         if timesteps is None:
             if not num_inference_steps or num_inference_steps < 1:
                 raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-            t = shifted_timesteps(num_inference_steps, num_tokens, self.config.dynamic_time_shift)
+            t = shifted_timesteps(
+                num_inference_steps, num_tokens, self.config.dynamic_time_shift, self.config.time_shift_factor
+            )
         else:
             t = np.asarray(timesteps, dtype=np.float32)
             if t.ndim != 1 or len(t) == 0 or (t < 0).any() or (t >= 1).any() or (np.diff(t) <= 0).any():

@@ -56,7 +56,8 @@ class LoraConfig:
 @dataclass
 class ObjectiveConfig:
     time_sampler: str = "lognorm"  # "lognorm" or "uniform"
-    time_shift: str = "v2"  # "v2" (matches inference), "v1" (SD3-style) or "none"
+    time_shift: str = "v2"  # "v2" (matches inference), "v1" (SD3-style), "fixed" (m = shift_factor) or "none"
+    shift_factor: float = 3.0  # m of the "fixed" shift (sample with the scheduler's time_shift_factor = m)
     loss_reduction: str = "element"  # "element" or "sample" (the original)
     vae_sample: bool = False  # sample the VAE posterior of the targets instead of taking its mean
 

@@ -216,7 +216,12 @@ class Trainer:
         x1 = self._latents(batch["targets"], gens)
         refs = [self._latents(r, [None] * len(r)) or None for r in batch["refs"]]
         xt, t, target = noisy_inputs(
-            x1, gens, self.transformer.config.patch_size, cfg.objective.time_sampler, cfg.objective.time_shift
+            x1,
+            gens,
+            self.transformer.config.patch_size,
+            cfg.objective.time_sampler,
+            cfg.objective.time_shift,
+            cfg.objective.shift_factor,
         )
         text, mask = self._text(batch)
         with self.acc.autocast():
