@@ -187,7 +187,12 @@ def test_roundtrip_weights_and_config_identical(roundtrip, comp):
 def test_roundtrip_scheduler_and_tokenizer(roundtrip):
     original, reloaded, _ = roundtrip
     assert type(original.scheduler) is type(reloaded.scheduler)
-    assert dict(original.scheduler.config) == dict(reloaded.scheduler.config)
+    # diffusers' own bookkeeping of which fields were missing from the file (filled with defaults) is not config
+    settings = [
+        {k: v for k, v in s.config.items() if k != "_use_default_values"}
+        for s in (original.scheduler, reloaded.scheduler)
+    ]
+    assert settings[0] == settings[1]
     tok_a, tok_b = original.tokenizer, reloaded.tokenizer
     img_id = tok_a.convert_tokens_to_ids("<|img|>")
     assert tok_a("<|img|>").input_ids == [img_id]  # one special token, not split into pieces
