@@ -16,6 +16,23 @@ from pathlib import Path
 DEFAULT_MODEL = "builtin:shapes"
 
 
+def _add_model_and_sampling(p, image_help: str) -> None:
+    """The arguments ``generate`` and ``chat`` share: input images, the model, seed, size, steps, guidance and
+    where it runs."""
+    p.add_argument("-i", "--input-image", dest="images", action="append", default=[], metavar="IMAGE", help=image_help)
+    p.add_argument("--model", default=None, help=f"pipeline directory or hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--text-guidance", type=float, default=None, help="text guidance scale")
+    p.add_argument("--image-guidance", type=float, default=None, help="image guidance scale")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
+    p.add_argument("--device", default=None, help="cpu | cuda | mps (default: cuda if available)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) weights")
+
+
 def _add_generate(sub) -> None:
     p = sub.add_parser(
         "generate",
@@ -24,28 +41,13 @@ def _add_generate(sub) -> None:
         "with several: in-context generation.",
     )
     p.add_argument("prompt", help="the instruction")
-    p.add_argument(
-        "-i",
-        "--input-image",
-        dest="images",
-        action="append",
-        default=[],
-        metavar="IMAGE",
-        help="input (reference) image; repeat for several (at most 5)",
-    )
+    _add_model_and_sampling(p, "input (reference) image; repeat for several (at most 5)")
     p.add_argument(
         "-o",
         "--output",
         default="omnigen2.png",
         help="output PNG; with several images: OUT_0.png, OUT_1.png, ... and a grid OUT_grid.png",
     )
-    p.add_argument("--model", default=None, help=f"pipeline directory or hub id (default: {DEFAULT_MODEL})")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--text-guidance", type=float, default=None, help="text guidance scale")
-    p.add_argument("--image-guidance", type=float, default=None, help="image guidance scale")
     p.add_argument(
         "--cfg-range",
         type=float,
@@ -54,7 +56,6 @@ def _add_generate(sub) -> None:
         metavar=("A", "B"),
         help="apply guidance for steps whose fraction i/N lies in [A, B]",
     )
-    p.add_argument("--negative-prompt", default=None)
     p.add_argument("--num-images", type=int, default=1, help="images to generate")
     p.add_argument("--scheduler", choices=["euler", "dpmsolver++"], default=None)
     p.add_argument(
@@ -67,12 +68,9 @@ def _add_generate(sub) -> None:
         help="enable TeaCache with threshold T (default 0.05)",
     )
     p.add_argument("--taylorseer", action="store_true", help="enable TaylorSeer")
-    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
-    p.add_argument("--device", default=None, help="cpu | cuda | mps (default: cuda if available)")
     p.add_argument("--max-pixels", type=int, default=1024 * 1024, help="pixel budget of input and output images")
     p.add_argument("--max-input-side", type=int, default=1024, help="longest side of an input image")
     p.add_argument("--max-sequence-length", type=int, default=1024, help="prompt tokens kept (longer: truncated)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) weights")
     p.set_defaults(func=cmd_generate)
 
 
@@ -84,15 +82,7 @@ def _add_chat(sub) -> None:
         "(docs/CHAT.md). With --reflect N it then judges the drawing and repairs it up to N times.",
     )
     p.add_argument("prompt", help="the message")
-    p.add_argument(
-        "-i",
-        "--input-image",
-        dest="images",
-        action="append",
-        default=[],
-        metavar="IMAGE",
-        help="input image, shown to the MLLM and used as a reference; repeat for several (at most 5)",
-    )
+    _add_model_and_sampling(p, "input image, shown to the MLLM and used as a reference; repeat for several (at most 5)")
     p.add_argument(
         "-o",
         "--output",
@@ -100,22 +90,11 @@ def _add_chat(sub) -> None:
         help="output prefix (OUT.png, and OUT_round0.png, OUT_round1.png, ... for the versions reflection "
         "went through) or an existing directory (DIR/chat.png, ...); default: chat",
     )
-    p.add_argument("--model", default=None, help=f"pipeline directory or hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--reflect", type=int, default=0, metavar="N", help="reflection rounds after drawing (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--text-guidance", type=float, default=None, help="text guidance scale")
-    p.add_argument("--image-guidance", type=float, default=None, help="image guidance scale")
-    p.add_argument("--negative-prompt", default=None)
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     p.add_argument("--force-image", action="store_true", help="start the answer with <|img|>: always draw")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
-    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
-    p.add_argument("--device", default=None, help="cpu | cuda | mps (default: cuda if available)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) weights")
     p.set_defaults(func=cmd_chat)
 
 

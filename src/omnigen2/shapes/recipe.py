@@ -310,7 +310,7 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
     import random
 
     from ..eval.shapesbench import pipeline_generate
-    from ..pipelines import OmniGen2ChatPipeline
+    from ..pipelines import OmniGen2ChatPipeline, OmniGen2Pipeline
     from .pretrain import UnderstandingBatcher
     from .reflection import reflection_records, train_reflection_adapter
     from .tasks import IMAGE_TASKS
@@ -342,9 +342,8 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
         pools = [(p, w) for p, w in pools if p]
         examples = [rng.choice(rng.choices([p for p, _ in pools], [w for _, w in pools])[0]) for _ in range(20000)]
         batcher = UnderstandingBatcher(chat.tokenizer, chat.vision_processor)
-        base_mllm = OmniGen2ChatPipeline.from_pretrained(final).mllm  # a clean MLLM (no adapter layers)
-        adapter, _ = train_reflection_adapter(base_mllm, batcher, examples, b.reflection_steps, adapter=adapter)
-        pipe = OmniGen2ChatPipeline.from_pretrained(final).pipe
+        pipe = OmniGen2Pipeline.from_pretrained(final)  # a clean MLLM (no adapter layers); a copy is trained
+        adapter, _ = train_reflection_adapter(pipe.mllm, batcher, examples, b.reflection_steps, adapter=adapter)
         pipe.reflection_adapter = adapter
         source = out / f"final_reflect_round{r}"
         pipe.save_pretrained(source)
