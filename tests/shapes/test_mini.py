@@ -87,6 +87,39 @@ def test_mllm_learns_a_question(tokenizer, image_processor):
     assert isinstance(reply, str)
 
 
+def test_new_vision_tower_keeps_text_conditioning(tokenizer, image_processor):
+    """The grown vision tower trains alone: text-only hidden states (the transformer's conditioning) are the
+    same numbers before and after, while what the MLLM sees of an image changes."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from omnigen2.shapes.pretrain import new_vision_tower
+
+    torch.manual_seed(0)
+    old = Qwen2_5_VLForConditionalGeneration(mllm_config(tokenizer, hidden=64, layers=2, vision_hidden=32)).eval()
+    new = new_vision_tower(old, depth=3, vision_hidden=64)
+    assert new.config.vision_config.depth == 3 and new.config.vision_config.hidden_size == 64
+    trainable = {n for n, p in new.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("model.visual.") for n in trainable)
+    batcher = UnderstandingBatcher(tokenizer, image_processor)
+
+    def batch(step):
+        rng = random.Random(step)
+        return batcher([(im, "what color is the circle?", c) for im, c in (scene(rng) for _ in range(4))])
+
+    frozen = {n: p.detach().clone() for n, p in new.named_parameters() if not p.requires_grad}
+    train_mllm(new, batch, steps=3, lr=5e-3, warmup=1)
+    assert all(torch.equal(p, frozen[n]) for n, p in new.named_parameters() if n in frozen)
+    new.eval()
+
+    text = tokenizer(["a red circle at the top left"], return_tensors="pt")
+    with torch.no_grad():
+        h_old = old(**text, output_hidden_states=True).hidden_states[-1]
+        h_new = new(**text, output_hidden_states=True).hidden_states[-1]
+        assert torch.equal(h_old, h_new)
+        inputs = {k: v for k, v in batch(9).items() if k != "labels"}
+        assert not torch.allclose(old(**inputs).logits, new(**inputs).logits)
+
+
 @pytest.mark.parametrize("hidden", [128, 160, 192])
 def test_transformer_config_builds_and_runs(hidden):
     from omnigen2 import OmniGen2Transformer2DModel

@@ -13,11 +13,22 @@ from omnigen2.shapes import recipe
 def test_smoke_recipe_end_to_end(tmp_path):
     final = recipe.run(tmp_path, "smoke", curve=2)
     assert final == tmp_path / "final_reflect"
-    for stage in ("data/mix.yml", "tokenizer/tokenizer.json", "vae/reconstruction.json", "mllm/understanding.json"):
+    for stage in (
+        "data/mix.yml",
+        "tokenizer/tokenizer.json",
+        "vae/reconstruction.json",
+        "mllm/understanding.json",
+        "t2i_pipeline/model_index.json",  # phase 1 of the transformer (text-to-image only), phase 2 starts from it
+        "mllm_vision/understanding.json",
+    ):
         assert (tmp_path / stage).is_file(), stage
     assert json.loads((tmp_path / "vae" / "reconstruction.json").read_text())["judge_pass_rate"] >= 0.0
     curve = json.loads((tmp_path / "learning_curve.json").read_text())
     assert [row["step"] for row in curve] == sorted(row["step"] for row in curve) and curve
+    assert {row["phase"] for row in curve} == {"transformer_t2i", "transformer_run"}
+    # The final pipeline carries the grown vision tower (the language model is the frozen first one).
+    vision = json.loads((final / "mllm" / "config.json").read_text())["vision_config"]
+    assert vision["depth"] == recipe.BUDGETS["smoke"].vision_depth
     index = json.loads((final / "model_index.json").read_text())
     assert index["omnigen2_domain"] == "shapes" and index["omnigen2_sampling"] == recipe.SAMPLING
     assert (final / "mllm_reflection" / "adapter_model.safetensors").is_file()

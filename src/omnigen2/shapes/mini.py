@@ -52,6 +52,24 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 600):
     return fast
 
 
+def vision_config(hidden: int = 128, depth: int = 2, vision_hidden: int = 64, patch: int = 8) -> dict:
+    """The vision tower of the miniature (Qwen2.5-VL's ViT): 8x8 patches, 2x2 merge, windows of 2x2 merged
+    tokens, full attention in the last block; ``hidden`` is the language model's width (the merger's output)."""
+    return dict(
+        depth=depth,
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_heads=max(2, vision_hidden // 32),
+        out_hidden_size=hidden,
+        patch_size=patch,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=4 * patch,
+        fullatt_block_indexes=[depth - 1],
+        in_channels=3,
+    )
+
+
 def mllm_config(tokenizer, hidden: int = 128, layers: int = 4, vision_hidden: int = 64, patch: int = 8):
     """A tiny Qwen2.5-VL config whose special-token ids match ``tokenizer``."""
     from transformers import Qwen2_5_VLConfig
@@ -77,19 +95,7 @@ def mllm_config(tokenizer, hidden: int = 128, layers: int = 4, vision_hidden: in
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
         ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=vision_hidden,
-            intermediate_size=2 * vision_hidden,
-            num_heads=2,
-            out_hidden_size=hidden,
-            patch_size=patch,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=4 * patch,
-            fullatt_block_indexes=[1],
-            in_channels=3,
-        ),
+        vision_config=vision_config(hidden, 2, vision_hidden, patch),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],

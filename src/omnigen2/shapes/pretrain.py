@@ -6,6 +6,7 @@ reproducible) and can be rendered on the fly instead of stored.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -158,8 +159,10 @@ class UnderstandingBatcher:
 def train_mllm(
     model, batch: Callable[[int], dict], steps: int, lr: float = 2e-3, warmup: int = 100, log_every: int = 50
 ) -> list[float]:
-    """Next-token cross-entropy on the answers (the MLLM is frozen afterwards)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    """Next-token cross-entropy on the answers, for the parameters that require gradients (the MLLM is frozen
+    afterwards)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, steps, warmup))
     model.train()
     t0 = time.perf_counter()
@@ -167,6 +170,30 @@ def train_mllm(
     model.eval()
     logger.info("mllm: %d steps in %.0fs", steps, time.perf_counter() - t0)
     return history
+
+
+def new_vision_tower(model, depth: int, vision_hidden: int):
+    """A copy of a trained Qwen2.5-VL with a fresh vision tower of ``depth`` blocks of width ``vision_hidden``
+    and its language model frozen (only ``model.visual`` trains).
+
+    The transformer is conditioned on the language model's hidden states of text-only prompts, which never pass
+    through the vision tower: retraining the tower improves what the MLLM sees without changing a single number
+    of that conditioning."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from .mini import vision_config
+
+    config = copy.deepcopy(model.config)
+    patch = config.vision_config.patch_size
+    fresh = vision_config(config.text_config.hidden_size, depth, vision_hidden, patch)
+    config.vision_config = type(config.vision_config)(**fresh)
+    new = Qwen2_5_VLForConditionalGeneration(config)
+    keep = {k: v for k, v in model.state_dict().items() if not k.startswith("model.visual.")}
+    missing, unexpected = new.load_state_dict(keep, strict=False)
+    assert not unexpected and all(k.startswith("model.visual.") for k in missing), (missing, unexpected)
+    for name, p in new.named_parameters():
+        p.requires_grad_(name.startswith("model.visual."))
+    return new
 
 
 @torch.no_grad()

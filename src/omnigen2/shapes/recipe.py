@@ -12,6 +12,9 @@ Stages (each skipped when its output exists, so an interrupted run continues):
   5. base         a pipeline directory: the frozen MLLM and VAE + a fresh transformer
   6. transformer  text-to-image + editing + in-context with the project's trainer (omnigen2 train)
   7. export       the final pipeline, EMA weights, recommended sampling settings in the checkpoint
+  8. vision       a larger vision tower for understanding, trained with the language model frozen (the
+                  transformer's text conditioning is unchanged), swapped into the final pipeline
+  9. reflection   the judging LoRA adapter, on the model's own images (skipped with --no-reflection)
 """
 
 from __future__ import annotations
@@ -38,21 +41,25 @@ class Budget:
     vae_batch: int
     mllm_steps: int
     mllm_batch: int
-    transformer_steps: int
+    transformer_steps: int  # phase 2, the full mix
     transformer_batch: int
     transformer_lr: float = 1e-3
     reflection_cases: int = 600  # generated training cases per image task and round
     reflection_steps: int = 600
+    t2i_steps: int = 0  # phase 1 of the transformer, text-to-image only
+    vision_steps: int = 3000  # the grown vision tower, language model frozen (0: keep the first tower)
+    vision_depth: int = 4
+    vision_hidden: int = 128
 
 
 BUDGETS = {
-    "smoke": Budget(16, 32, 4, 4, 4, 4, 4, 4, reflection_cases=4, reflection_steps=2),
+    "smoke": Budget(16, 32, 4, 4, 4, 4, 4, 4, reflection_cases=4, reflection_steps=2, t2i_steps=2, vision_steps=2),
     # Measured on 2 cores: VAE ~0.5 s/step at batch 16; the transformer stage dominates (~1 s/step at batch 16
     # for the 4.4M-parameter miniature): these steps are the ~2 h envelope, to be tuned on ShapesBench.
-    "cpu": Budget(10000, 6000, 2000, 16, 4000, 32, 7000, 16),
+    "cpu": Budget(10000, 6000, 2000, 16, 4000, 32, 4500, 16, t2i_steps=2500),
     # One lent-GPU call (scripts/shapes_gpu.sh carries the CPU-trained tokenizer, VAE and MLLM, so only the data
     # and the transformer run there); the steps are a guess until timed on the device.
-    "gpu": Budget(30000, 30000, 6000, 64, 6000, 64, 8000, 64, 1e-3),
+    "gpu": Budget(30000, 30000, 6000, 64, 6000, 64, 8000, 64, 1e-3, t2i_steps=3000),
 }
 SHIFT_FACTOR = 3.0  # the fixed time shift of training and sampling (see stage_transformer)
 SAMPLING = {
@@ -187,17 +194,14 @@ def mllm_examples(data: Path) -> dict[str, list[tuple[Path, list[str], str, str]
     return ex
 
 
-def stage_mllm(out: Path, data: Path, tokenizer, b: Budget):
+def _mllm_setup(data: Path, tokenizer, batch_size: int):
+    """The batcher and a ``batch(step)`` of the MLLM_MIX examples (a pure function of the step)."""
     from PIL import Image
-    from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from .mini import image_processor_config, mllm_config
-    from .pretrain import UnderstandingBatcher, train_mllm
+    from .mini import image_processor_config
+    from .pretrain import UnderstandingBatcher
 
-    path = out / "mllm"
-    if (path / "config.json").is_file():
-        return Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
     cfg = {k: v for k, v in image_processor_config().items() if k not in ("image_processor_type", "processor_class")}
     batcher = UnderstandingBatcher(tokenizer, Qwen2VLImageProcessorPil(**cfg))
     examples = mllm_examples(data)
@@ -207,12 +211,25 @@ def stage_mllm(out: Path, data: Path, tokenizer, b: Budget):
     def batch(step: int):
         rng = random.Random(step)
         picked = []
-        for _ in range(b.mllm_batch):
+        for _ in range(batch_size):
             pool = examples[rng.choices(sources, weights)[0]]
             root, images, question, answer = pool[rng.randrange(len(pool))]
             picked.append(([Image.open(root / im).convert("RGB") for im in images], question, answer))
         return batcher(picked)
 
+    return batcher, batch
+
+
+def stage_mllm(out: Path, data: Path, tokenizer, b: Budget):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from .mini import mllm_config
+    from .pretrain import train_mllm
+
+    path = out / "mllm"
+    if (path / "config.json").is_file():
+        return Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    batcher, batch = _mllm_setup(data, tokenizer, b.mllm_batch)
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(mllm_config(tokenizer))
     train_mllm(model, batch, b.mllm_steps)
@@ -221,6 +238,31 @@ def stage_mllm(out: Path, data: Path, tokenizer, b: Budget):
     (path / "understanding.json").write_text(json.dumps(report, indent=2))
     logger.info("mllm on held-out cases: %s", report)
     return model
+
+
+def stage_vision(out: Path, data: Path, tokenizer, b: Budget, final: Path) -> Path:
+    """Understanding needs a larger vision tower than the first MLLM stage trained; the language model, which
+    conditions the transformer on text-only prompts, stays frozen, so the trained transformer keeps working.
+    The new MLLM (OUT/mllm_vision) replaces FINAL/mllm."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from .pretrain import new_vision_tower, train_mllm
+
+    path = out / "mllm_vision"
+    if not (path / "config.json").is_file():
+        batcher, batch = _mllm_setup(data, tokenizer, b.mllm_batch)
+        torch.manual_seed(1)
+        model = new_vision_tower(
+            Qwen2_5_VLForConditionalGeneration.from_pretrained(final / "mllm"), b.vision_depth, b.vision_hidden
+        )
+        train_mllm(model, batch, b.vision_steps)
+        model.save_pretrained(path)
+        report = mllm_report(model, batcher)
+        (path / "understanding.json").write_text(json.dumps(report, indent=2))
+        logger.info("mllm with the new vision tower on held-out cases: %s", report)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    model.save_pretrained(final / "mllm")
+    return final
 
 
 @torch.no_grad()
@@ -243,50 +285,72 @@ def mllm_report(model, batcher, n_per_category: int = 25) -> dict[str, float]:
     return {k: round(v, 3) for k, v in report.items()}
 
 
-def stage_transformer(out: Path, data: Path, b: Budget, base: Path) -> Path:
+def _transformer_config(pretrained: Path, mix: Path, run: Path, b: Budget, steps: int, schedule: str) -> dict:
+    return {
+        "model": {"pretrained": str(pretrained)},
+        "data": {
+            "path": str(mix),
+            "max_input_pixels": 4096,
+            "max_output_pixels": 4096,
+            "max_side_length": 64,
+            "prompt_dropout": 0.1,
+            "ref_image_dropout": 0.5,  # of the dropped-prompt samples: the unconditional branch
+            # A third of the texts in the chat form (ending with the assistant's turn), so that a chat turn
+            # answering <|img|> conditions the transformer as well as the generation pipeline does.
+            "generation_prompt_prob": 0.3,
+            "caption_prefix_drop": 0.0,
+            "check_images": False,
+        },
+        # A fixed time shift towards noise, m = 3 (the base's scheduler samples with the same warp): the
+        # prompt decides the image at the noisy end. The original's size rule gives m = 0.4 at 64 tokens
+        # (towards the clean end) and without a shift the text was never learned (docs/SHAPES.md).
+        "objective": {"time_shift": "fixed", "shift_factor": SHIFT_FACTOR, "time_sampler": "lognorm"},
+        "train": {
+            "steps": steps,
+            "batch_size": b.transformer_batch,
+            "lr": b.transformer_lr,
+            "warmup_steps": min(250, steps // 10),
+            "schedule": schedule,
+            "min_lr_ratio": 0.05,
+            "ema_decay": 0.999 if steps > 1000 else 0.9,
+        },
+        "output": {
+            "dir": str(run),
+            "save_every": max(1, steps // 10),
+            "keep_last": 11,  # every tenth of the run: the learning curve is measured on them
+            "log_every": 50,
+        },
+    }
+
+
+def _train(cfg: dict, record: Path) -> None:
     from ..training import Trainer, config_from_dict
 
-    run = out / "transformer_run"
-    cfg = config_from_dict(
-        {
-            "model": {"pretrained": str(base)},
-            "data": {
-                "path": str(data / "mix.yml"),
-                "max_input_pixels": 4096,
-                "max_output_pixels": 4096,
-                "max_side_length": 64,
-                "prompt_dropout": 0.1,
-                "ref_image_dropout": 0.5,  # of the dropped-prompt samples: the unconditional branch
-                # A third of the texts in the chat form (ending with the assistant's turn), so that a chat turn
-                # answering <|img|> conditions the transformer as well as the generation pipeline does.
-                "generation_prompt_prob": 0.3,
-                "caption_prefix_drop": 0.0,
-                "check_images": False,
-            },
-            # A fixed time shift towards noise, m = 3 (the base's scheduler samples with the same warp): the
-            # prompt decides the image at the noisy end. The original's size rule gives m = 0.4 at 64 tokens
-            # (towards the clean end) and without a shift the text was never learned (docs/SHAPES.md).
-            "objective": {"time_shift": "fixed", "shift_factor": SHIFT_FACTOR, "time_sampler": "lognorm"},
-            "train": {
-                "steps": b.transformer_steps,
-                "batch_size": b.transformer_batch,
-                "lr": b.transformer_lr,
-                "warmup_steps": min(500, b.transformer_steps // 10),
-                "schedule": "cosine",
-                "min_lr_ratio": 0.05,
-                "ema_decay": 0.999 if b.transformer_steps > 1000 else 0.9,
-            },
-            "output": {
-                "dir": str(run),
-                "save_every": max(1, b.transformer_steps // 10),
-                "keep_last": 11,  # every tenth of the run: the learning curve is measured on them
-                "log_every": 50,
-            },
-        }
-    )
-    (out / "transformer_config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    trainer = Trainer(cfg)
-    trainer.fit(resume="latest")
+    config = config_from_dict(cfg)
+    record.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    Trainer(config).fit(resume="latest")
+
+
+# The two phases of the transformer, in run order: (run folder, data mix). Phase 1 is text-to-image only, as the
+# paper's first stage: in the full mix from the start, the reference images explain most of the edit and
+# in-context targets and the text was hardly learned (docs/BENCHMARKS.md); phase 2 is the full mix.
+PHASES = (("transformer_t2i", "t2i_only.yml"), ("transformer_run", "mix.yml"))
+
+
+def stage_transformer(out: Path, data: Path, b: Budget, base: Path) -> Path:
+    from ..training import export
+
+    init = base
+    if b.t2i_steps:
+        (data / "t2i_only.yml").write_text(yaml.safe_dump({"data": [{"path": "t2i/records.jsonl", "ratio": 1.0}]}))
+        run = out / PHASES[0][0]
+        _train(_transformer_config(base, data / PHASES[0][1], run, b, b.t2i_steps, "constant"), out / "t2i_config.yml")
+        init = out / "t2i_pipeline"
+        if not (init / "model_index.json").is_file():
+            export(run, init, weights="ema", sampling_defaults=SAMPLING)
+    run = out / PHASES[1][0]
+    cfg = _transformer_config(init, data / PHASES[1][1], run, b, b.transformer_steps, "cosine")
+    _train(cfg, out / "transformer_config.yml")
     return run
 
 
@@ -366,8 +430,12 @@ def learning_curve(out: Path, n: int = 60, tasks: tuple[str, ...] = ("t2i", "edi
     path = out / "learning_curve.json"
     curve = json.loads(path.read_text()) if path.is_file() else []
     done = {row["step"] for row in curve}
-    for ck in checkpoint_dirs(out / "transformer_run"):
-        step = int(ck.name.split("-")[1])
+    checkpoints, offset = [], 0
+    for run, _ in PHASES:  # steps counted over both phases
+        dirs = checkpoint_dirs(out / run) if (out / run).is_dir() else []
+        checkpoints += [(run, ck, offset + int(ck.name.split("-")[1])) for ck in dirs]
+        offset += max((int(ck.name.split("-")[1]) for ck in dirs), default=0)
+    for run, ck, step in checkpoints:
         if step in done:
             continue
         tmp = Path(tempfile.mkdtemp())
@@ -376,7 +444,8 @@ def learning_curve(out: Path, n: int = 60, tasks: tuple[str, ...] = ("t2i", "edi
             report = evaluate_model(str(pipe_dir), n, tasks, tmp / "bench", progress=False)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        row = {"step": step, **{t: round(report.task_score(t), 3) for t in tasks}, "overall": round(report.overall, 3)}
+        row = {"step": step, "phase": run, **{t: round(report.task_score(t), 3) for t in tasks}}
+        row["overall"] = round(report.overall, 3)
         if "ic" in tasks:
             row["ic_subject_consistency"] = round(report.partial("ic")["subject_consistency"]["score"], 3)
         logger.info("learning curve: %s", row)
@@ -405,6 +474,8 @@ def run(out: Path, budget: str = "cpu", curve: int = 0, reflection: bool = True)
     logger.info("bundled model written to %s", final)
     if curve:
         learning_curve(out, curve)
+    if b.vision_steps:
+        stage_vision(out, data, tokenizer, b, final)
     if reflection:
         final = stage_reflection(out, final, b)
         logger.info("with the reflection adapter: %s", final)
