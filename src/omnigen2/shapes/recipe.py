@@ -331,18 +331,24 @@ def _train(cfg: dict, record: Path) -> None:
     Trainer(config).fit(resume="latest")
 
 
-# The two phases of the transformer, in run order: (run folder, data mix). Phase 1 is text-to-image only, as the
-# paper's first stage: in the full mix from the start, the reference images explain most of the edit and
-# in-context targets and the text was hardly learned (docs/BENCHMARKS.md); phase 2 is the full mix.
-PHASES = (("transformer_t2i", "t2i_only.yml"), ("transformer_run", "mix.yml"))
+# The two phases of the transformer, in run order: (run folder, data mix file, ratios). Phase 1 is text-to-image
+# only, as the paper's first stage: in the full mix from the start, the reference images explain most of the
+# edit and in-context targets and the text was hardly learned (docs/BENCHMARKS.md). Phase 2 is the full mix,
+# half of it still text-to-image (drawing from the text alone is the slowest to learn).
+PHASES = (
+    ("transformer_t2i", "t2i_only.yml", {"t2i": 1.0}),
+    ("transformer_run", "phase2.yml", {"t2i": 0.5, "edit": 0.25, "ic": 0.25}),
+)
 
 
 def stage_transformer(out: Path, data: Path, b: Budget, base: Path) -> Path:
     from ..training import export
 
+    for _, name, ratios in PHASES:
+        mix = [{"path": f"{task}/records.jsonl", "ratio": r} for task, r in ratios.items()]
+        (data / name).write_text(yaml.safe_dump({"data": mix}, sort_keys=False))
     init = base
     if b.t2i_steps:
-        (data / "t2i_only.yml").write_text(yaml.safe_dump({"data": [{"path": "t2i/records.jsonl", "ratio": 1.0}]}))
         run = out / PHASES[0][0]
         _train(_transformer_config(base, data / PHASES[0][1], run, b, b.t2i_steps, "constant"), out / "t2i_config.yml")
         init = out / "t2i_pipeline"
@@ -431,7 +437,7 @@ def learning_curve(out: Path, n: int = 60, tasks: tuple[str, ...] = ("t2i", "edi
     curve = json.loads(path.read_text()) if path.is_file() else []
     done = {row["step"] for row in curve}
     checkpoints, offset = [], 0
-    for run, _ in PHASES:  # steps counted over both phases
+    for run, _, _ in PHASES:  # steps counted over both phases
         dirs = checkpoint_dirs(out / run) if (out / run).is_dir() else []
         checkpoints += [(run, ck, offset + int(ck.name.split("-")[1])) for ck in dirs]
         offset += max((int(ck.name.split("-")[1]) for ck in dirs), default=0)
