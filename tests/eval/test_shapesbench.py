@@ -76,7 +76,11 @@ def test_cli_eval_shapes(tmp_path, capsys):
     assert main(["eval", "shapes", "--model", "oracle", "--n", "6", "--tasks", "t2i", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "attribute binding" in out and "overall" in out and (tmp_path / "samples.png").is_file()
-    assert main(["eval", "shapes", "--n", "1", "--out", str(tmp_path / "x")]) == 2
+    # Without --model: the bundled model.
+    assert main(["eval", "shapes", "--n", "1", "--tasks", "t2i", "--out", str(tmp_path / "x")]) == 0
+    report = json.loads((tmp_path / "x" / "report.json").read_text())
+    assert report["config"]["model"] == "builtin:shapes" and len(report["cases"]) == 1
+    assert main(["eval", "shapes", "--model", "builtin:nonexistent", "--n", "1", "--out", str(tmp_path / "y")]) == 2
     assert "no builtin model" in capsys.readouterr().err
 
 

@@ -12,8 +12,8 @@ Stages (each skipped when its output exists, so an interrupted run continues):
   5. base         a pipeline directory: the frozen MLLM and VAE + a fresh transformer
   6. transformer  text-to-image + editing + in-context with the project's trainer (omnigen2 train)
   7. export       the final pipeline, EMA weights, recommended sampling settings in the checkpoint
-  8. vision       a larger vision tower for understanding, trained with the language model frozen (the
-                  transformer's text conditioning is unchanged), swapped into the final pipeline
+  8. vision       (vision_steps > 0) a larger vision tower for understanding, trained with the language model
+                  frozen (the transformer's text conditioning is unchanged), swapped into the final pipeline
   9. reflection   the judging LoRA adapter, on the model's own images (skipped with --no-reflection)
 """
 
@@ -47,7 +47,7 @@ class Budget:
     reflection_cases: int = 600  # generated training cases per image task and round
     reflection_steps: int = 600
     t2i_steps: int = 0  # phase 1 of the transformer, text-to-image only
-    vision_steps: int = 3000  # the grown vision tower, language model frozen (0: keep the first tower)
+    vision_steps: int = 0  # a grown vision tower, language model frozen (0: keep the first tower; see stage_vision)
     vision_depth: int = 4
     vision_hidden: int = 128
 

@@ -1,0 +1,106 @@
+"""The bundled Shapes model (``builtin:shapes``): it ships in the package, loads offline, generates with the
+sampling settings stored in the checkpoint, and keeps its ShapesBench quality (a small-n regression check).
+
+The quality floors sit below the scores the shipped checkpoint measured on these same held-out cases (see
+docs/BENCHMARKS.md, "Bundled model"), with a margin for numeric differences between CPUs and library
+versions; a broken checkpoint, pipeline or judge falls far below them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from omnigen2 import OmniGen2Pipeline
+from omnigen2.builtin_models import available, path
+from omnigen2.cli import main
+from omnigen2.eval.shapesbench import pipeline_generate
+from omnigen2.eval.text_reliance import text_reliance
+from omnigen2.shapes import judge
+from omnigen2.shapes.tasks import TASKS, cases, stable_hash
+
+# Pass rates on N_CASES held-out cases of the categories the shipped checkpoint already draws (docs/BENCHMARKS.md,
+# "Bundled model": measured on these same cases), with a margin below the measurement. The other categories are
+# still near zero (issue #4 is open); as the model improves these floors go up and more categories join.
+N_CASES = 30
+FLOORS = {("t2i", "colors"): 0.35, ("edit", "remove"): 0.17}  # measured 0.567 and 0.333 (2026-11-27)
+RELIANCE = 0.8  # right-prompt error / swapped-prompt error at t = 0.1: measured 0.290 / 0.444 = 0.65
+SIZE_LIMIT = 30 * 2**20
+
+
+@pytest.fixture(scope="module")
+def shapes_pipe():
+    pipe = OmniGen2Pipeline.from_pretrained("builtin:shapes")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_shipped_in_the_package_in_the_released_layout():
+    assert "shapes" in available()
+    root = path("shapes")
+    index = json.loads((root / "model_index.json").read_text())
+    for component in ("transformer", "vae", "scheduler", "mllm", "processor"):
+        assert component in index and (root / component).is_dir(), component
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt")], "weights must be safetensors"
+    assert sum(p.stat().st_size for p in files) <= SIZE_LIMIT
+    assert index["omnigen2_domain"] == "shapes"
+    defaults = index["omnigen2_sampling"]
+    assert (defaults["height"], defaults["width"]) == (64, 64) and defaults["num_inference_steps"] >= 1
+
+
+def test_sampling_defaults_come_from_the_checkpoint(shapes_pipe):
+    g = lambda: __import__("torch").Generator().manual_seed(3)  # noqa: E731
+    plain = shapes_pipe(prompt="a red circle", generator=g()).images[0]
+    assert plain.size == (64, 64)
+    d = shapes_pipe.sampling_defaults
+    explicit = shapes_pipe(
+        prompt="a red circle",
+        generator=g(),
+        height=d["height"],
+        width=d["width"],
+        num_inference_steps=d["num_inference_steps"],
+        text_guidance_scale=d["text_guidance_scale"],
+        image_guidance_scale=d["image_guidance_scale"],
+    ).images[0]
+    assert plain.tobytes() == explicit.tobytes()
+
+
+def test_out_of_grammar_prompt_runs_with_a_warning(shapes_pipe):
+    with pytest.warns(UserWarning, match="Shapes World"):
+        out = shapes_pipe(prompt="a photo of an astronaut riding a horse", num_inference_steps=2)
+    assert out.images[0].size == (64, 64)
+
+
+def test_cli_generate_uses_the_bundled_model_by_default(tmp_path, capsys):
+    out = tmp_path / "out.png"
+    assert main(["generate", "a blue square at the top left", "-o", str(out), "--seed", "1"]) == 0
+    assert Image.open(out).size == (64, 64)
+    assert "builtin:shapes" in capsys.readouterr().out
+
+
+def pass_rate(pipe, task: str, category: str, n: int = N_CASES) -> float:
+    """The judge's pass rate on the first ``n`` held-out cases of one category (seeded per case)."""
+    pool = [c for c in cases(task, n * len(TASKS[task]), split="eval") if c.category == category][:n]
+    generate = pipeline_generate(pipe)
+    passed = 0
+    for case in pool:
+        inputs = case.input_images()
+        image = generate(case.prompt, inputs, torch.Generator().manual_seed(stable_hash("builtin", case.name) % 2**63))
+        passed += judge.check(case, image, inputs).passed
+    return passed / len(pool)
+
+
+@pytest.mark.parametrize(("task", "category"), list(FLOORS))
+def test_quality_regression(shapes_pipe, task, category):
+    rate = pass_rate(shapes_pipe, task, category)
+    assert rate >= FLOORS[task, category], (task, category, rate)
+
+
+def test_follows_its_prompt(shapes_pipe):
+    """Near pure noise the right prompt predicts the image much better than another case's prompt: a model (or a
+    conditioning path) that ignores its text has the same error either way."""
+    row = text_reliance(shapes_pipe, n=24, times=(0.1,))[0.1]
+    assert row["right"] < RELIANCE * row["swapped"], row
