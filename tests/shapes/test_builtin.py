@@ -16,16 +16,15 @@ from PIL import Image
 from omnigen2 import OmniGen2Pipeline
 from omnigen2.builtin_models import available, path
 from omnigen2.cli import main
-from omnigen2.eval.shapesbench import pipeline_generate
+from omnigen2.eval.shapesbench import pipeline_generate, run
 from omnigen2.eval.text_reliance import text_reliance
-from omnigen2.shapes import judge
-from omnigen2.shapes.tasks import TASKS, cases, stable_hash
+from omnigen2.shapes.tasks import TASKS, cases
 
 # Pass rates on N_CASES held-out cases of the categories the shipped checkpoint already draws (docs/BENCHMARKS.md,
 # "Bundled model": measured on these same cases), with a margin below the measurement. The other categories are
 # still near zero (issue #4 is open); as the model improves these floors go up and more categories join.
 N_CASES = 30
-FLOORS = {("t2i", "colors"): 0.35, ("edit", "remove"): 0.17}  # measured 0.567 and 0.333 (2026-11-27)
+FLOORS = {("t2i", "colors"): 0.35, ("edit", "remove"): 0.17}  # measured 0.700 and 0.367 (2026-11-27)
 RELIANCE = 0.8  # right-prompt error / swapped-prompt error at t = 0.1: measured 0.290 / 0.444 = 0.65
 SIZE_LIMIT = 30 * 2**20
 
@@ -52,7 +51,7 @@ def test_shipped_in_the_package_in_the_released_layout():
 
 
 def test_sampling_defaults_come_from_the_checkpoint(shapes_pipe):
-    g = lambda: __import__("torch").Generator().manual_seed(3)  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     plain = shapes_pipe(prompt="a red circle", generator=g()).images[0]
     assert plain.size == (64, 64)
     d = shapes_pipe.sampling_defaults
@@ -82,15 +81,12 @@ def test_cli_generate_uses_the_bundled_model_by_default(tmp_path, capsys):
 
 
 def pass_rate(pipe, task: str, category: str, n: int = N_CASES) -> float:
-    """The judge's pass rate on the first ``n`` held-out cases of one category (seeded per case)."""
+    """ShapesBench's pass rate on the first ``n`` held-out cases of one category."""
     pool = [c for c in cases(task, n * len(TASKS[task]), split="eval") if c.category == category][:n]
-    generate = pipeline_generate(pipe)
-    passed = 0
-    for case in pool:
-        inputs = case.input_images()
-        image = generate(case.prompt, inputs, torch.Generator().manual_seed(stable_hash("builtin", case.name) % 2**63))
-        passed += judge.check(case, image, inputs).passed
-    return passed / len(pool)
+    report = run(pipeline_generate(pipe), tasks=(task,), progress=False, case_list=pool)
+    passed, total = report.categories(task)[category]
+    assert total == n
+    return passed / total
 
 
 @pytest.mark.parametrize(("task", "category"), list(FLOORS))

@@ -380,11 +380,14 @@ def run(
     grid_per_category: int = 2,
     config: dict | None = None,
     answer_fn: Answer | None = None,
+    case_list: Sequence[Case] | None = None,
 ) -> Report:
     """Score n cases per task — image tasks with ``generate``, text tasks with ``answer_fn`` — in one report;
     write report.json and samples.png to ``out_dir`` if given. Each image case's torch generator is seeded
-    from (seed, case), so results do not depend on the case order."""
-    case_list = benchmark_cases(tasks, n)
+    from (seed, case), so results do not depend on the case order. ``case_list`` scores these cases instead of
+    the first n of each task (e.g. one category)."""
+    if case_list is None:
+        case_list = benchmark_cases(tasks, n)
     if generate is None and any(t in IMAGE_TASKS for t in tasks):
         raise ValueError(f"image tasks ({', '.join(t for t in tasks if t in IMAGE_TASKS)}) need a generator")
     if answer_fn is None and any(t in TEXT_TASKS for t in tasks):

@@ -14,6 +14,12 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
 
+def warp(t, m):
+    """The time shift of training and sampling: t' = t / (m - m t + t), towards noise (t = 0) for m > 1; for a
+    float or an array (the same operations in the same order, so the sampler's float32 times stay exact)."""
+    return t / (m - m * t + t)
+
+
 def shifted_timesteps(
     num_inference_steps: int, num_tokens: int | None, dynamic_time_shift: bool, shift_factor: float | None = None
 ) -> np.ndarray:
@@ -25,11 +31,9 @@ def shifted_timesteps(
     """
     t = np.linspace(0, 1, num_inference_steps + 1, dtype=np.float32)[:-1]
     if dynamic_time_shift and num_tokens is not None:
-        m = np.sqrt(num_tokens) / 40
-        t = t / (m - m * t + t)
+        t = warp(t, np.sqrt(num_tokens) / 40)
     elif shift_factor is not None:  # a fixed warp (not in the original): small models trained with it
-        m = np.float32(shift_factor)
-        t = t / (m - m * t + t)
+        t = warp(t, np.float32(shift_factor))
     return t
 
 

@@ -1,6 +1,6 @@
 """The recipe of the bundled Shapes model, the paper's way, with the project's own code.
 
-    python -m omnigen2.shapes.recipe --budget cpu --out runs/shapes        # ~2 h on 2 CPU cores
+    python -m omnigen2.shapes.recipe --budget cpu --out runs/shapes        # ~2 h 20 min on 2 CPU cores
     python -m omnigen2.shapes.recipe --budget gpu --out runs/shapes        # a lent GPU
     python -m omnigen2.shapes.recipe --budget smoke --out /tmp/shapes      # minutes: checks the plumbing
 
@@ -10,7 +10,8 @@ Stages (each skipped when its output exists, so an interrupted run continues):
   3. vae          AutoencoderKL trained on rendered scenes (reconstruction error reported)
   4. mllm         Qwen2.5-VL trained from scratch on understanding (captions, counting, color, position)
   5. base         a pipeline directory: the frozen MLLM and VAE + a fresh transformer
-  6. transformer  text-to-image + editing + in-context with the project's trainer (omnigen2 train)
+  6. transformer  with the project's trainer (omnigen2 train), in the paper's phases: text-to-image only, then
+                  text-to-image + editing + in-context
   7. export       the final pipeline, EMA weights, recommended sampling settings in the checkpoint
   8. vision       (vision_steps > 0) a larger vision tower for understanding, trained with the language model
                   frozen (the transformer's text conditioning is unchanged), swapped into the final pipeline
@@ -54,8 +55,8 @@ class Budget:
 
 BUDGETS = {
     "smoke": Budget(16, 32, 4, 4, 4, 4, 4, 4, reflection_cases=4, reflection_steps=2, t2i_steps=2, vision_steps=2),
-    # Measured on 2 cores: VAE ~0.5 s/step at batch 16; the transformer stage dominates (~1 s/step at batch 16
-    # for the 4.4M-parameter miniature): these steps are the ~2 h envelope, to be tuned on ShapesBench.
+    # Measured on 2 cores (docs/BENCHMARKS.md): VAE 41 min, MLLM 36 min, transformer ~0.35 s/step in phase 1 and
+    # ~0.5 s/step in phase 2 at batch 16 (2.8M parameters): ~2 h 20 min in all, and far from converged.
     "cpu": Budget(10000, 6000, 2000, 16, 4000, 32, 4500, 16, t2i_steps=2500),
     # One lent-GPU call (scripts/shapes_gpu.sh carries the CPU-trained tokenizer, VAE and MLLM, so only the data
     # and the transformer run there); the steps are a guess until timed on the device.
@@ -249,7 +250,9 @@ def stage_vision(out: Path, data: Path, tokenizer, b: Budget, final: Path) -> Pa
     from .pretrain import new_vision_tower, train_mllm
 
     path = out / "mllm_vision"
-    if not (path / "config.json").is_file():
+    if (path / "config.json").is_file():
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    else:
         batcher, batch = _mllm_setup(data, tokenizer, b.mllm_batch)
         torch.manual_seed(1)
         model = new_vision_tower(
@@ -260,7 +263,6 @@ def stage_vision(out: Path, data: Path, tokenizer, b: Budget, final: Path) -> Pa
         report = mllm_report(model, batcher)
         (path / "understanding.json").write_text(json.dumps(report, indent=2))
         logger.info("mllm with the new vision tower on held-out cases: %s", report)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
     model.save_pretrained(final / "mllm")
     return final
 
@@ -438,9 +440,9 @@ def learning_curve(out: Path, n: int = 60, tasks: tuple[str, ...] = ("t2i", "edi
     done = {row["step"] for row in curve}
     checkpoints, offset = [], 0
     for run, _, _ in PHASES:  # steps counted over both phases
-        dirs = checkpoint_dirs(out / run) if (out / run).is_dir() else []
-        checkpoints += [(run, ck, offset + int(ck.name.split("-")[1])) for ck in dirs]
-        offset += max((int(ck.name.split("-")[1]) for ck in dirs), default=0)
+        steps = [(ck, int(ck.name.split("-")[1])) for ck in checkpoint_dirs(out / run)] if (out / run).is_dir() else []
+        checkpoints += [(run, ck, offset + step) for ck, step in steps]
+        offset += max((step for _, step in steps), default=0)
     for run, ck, step in checkpoints:
         if step in done:
             continue

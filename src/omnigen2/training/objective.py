@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from ..schedulers.flow_match_euler import warp
+
 SHIFTS = ("v2", "v1", "fixed", "none")
 TIME_SAMPLERS = ("lognorm", "uniform")
 
@@ -38,8 +40,7 @@ def sample_time(gen: torch.Generator, sampler: str = "lognorm") -> float:
 
 def shift_time(t: float, tokens: int, shift: str = "v2", factor: float = 3.0) -> float:
     if shift in ("v2", "fixed"):
-        m = math.sqrt(tokens) / 20 if shift == "v2" else factor
-        return t / (m - m * t + t)
+        return warp(t, math.sqrt(tokens) / 20 if shift == "v2" else factor)
     if shift == "v1":
         mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (tokens - 256)
         s = 1 - t
