@@ -392,7 +392,7 @@ def test_cli_chat(official_tiny, tmp_path, capsys):
 # -- the reflection adapter -------------------------------------------------------------------------------------
 
 
-def test_reflection_adapter_is_on_only_while_judging(official_tiny, tmp_path, inputs):
+def test_answering_adapter_is_on_only_for_answers(official_tiny, tmp_path, inputs):
     """A trained adapter round-trips through the checkpoint, changes what the judge answers, and leaves the
     image conditioning (and the base MLLM) exactly as without it."""
     from omnigen2 import OmniGen2Pipeline
@@ -425,7 +425,19 @@ def test_reflection_adapter_is_on_only_while_judging(official_tiny, tmp_path, in
     assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
     ids, vision = base.build_inputs([Turn(REFLECT_QUESTION.format(instruction="a red circle"), [inputs["in_a"]])])
     plain = base.run_mllm(ids, vision, max_new_tokens=0).hidden
-    with with_adapter.judging():
+    with with_adapter.answering():
         judged = with_adapter.run_mllm(ids, vision, max_new_tokens=0).hidden
     assert (plain - judged).abs().max() > 1e-4  # ... and on while judging
     assert torch.equal(with_adapter.run_mllm(ids, vision, max_new_tokens=0).hidden, plain)  # off again after
+
+    # A text answer is decoded with the adapter on; a drawn one (above) with it off.
+    kw = dict(max_new_tokens=6, logits_processor=ban([with_adapter.img_token_id]))
+    with_adapter.reset()
+    ids, vision = with_adapter.build_inputs([Turn("what is this?", [inputs["in_a"]])])
+    with with_adapter.answering():
+        adapted = with_adapter.run_mllm(ids, vision, **kw)
+    plain_answer = with_adapter.run_mllm(ids, vision, **kw)
+    n = ids.shape[1]  # the conversation's positions (the answers may differ in length)
+    assert (adapted.hidden[:, :n] - plain_answer.hidden[:, :n]).abs().max() > 1e-4
+    out = with_adapter("what is this?", [inputs["in_a"]], **kw)
+    assert torch.equal(out.input_ids, adapted.input_ids) and out.text == with_adapter._decode_text(adapted.answer_ids)

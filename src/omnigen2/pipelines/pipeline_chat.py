@@ -331,13 +331,14 @@ class OmniGen2ChatPipeline:
         """Ask the MLLM, in a fresh one-turn conversation, whether ``image`` matches ``instruction``
         (``REFLECT_QUESTION``); its greedy answer, special tokens removed."""
         ids, vision = self.build_inputs([Turn(REFLECT_QUESTION.format(instruction=instruction), [image])])
-        with self.judging():
+        with self.answering():
             answer = self.run_mllm(ids, vision, max_new_tokens=max_new_tokens).answer_ids
         return self.tokenizer.decode(answer, skip_special_tokens=True).strip()
 
     @contextlib.contextmanager
-    def judging(self):
-        """The checkpoint's reflection adapter switched on (when it has one) for the enclosed MLLM calls only."""
+    def answering(self):
+        """The checkpoint's answering adapter (``mllm_reflection/``: understanding and judging) switched on, when
+        it has one, for the enclosed MLLM calls only."""
         _set_adapters(self._adapter_layers, True)
         try:
             yield
@@ -414,9 +415,16 @@ class OmniGen2ChatPipeline:
         # 1. One MLLM pass over the conversation: the answer, and the states of every token fed
         turn = Turn(prompt, images)
         ids, vision = self.build_inputs([*self.history, turn])
-        mllm_pass = self.run_mllm(
-            ids, vision, assistant_prefix, max_new_tokens, temperature, top_p, generator, logits_processor
-        )
+        decode = (assistant_prefix, max_new_tokens, temperature, top_p, generator, logits_processor)
+        mllm_pass = self.run_mllm(ids, vision, *decode)
+        if self._adapter_layers and mllm_pass.stop != self.img_token_id:
+            # A text answer is decoded again with the answering adapter on (understanding and judging are
+            # taught to it; the plain MLLM decides whether to draw and conditions the drawing). Should the
+            # adapter's answer end in <|img|>, the plain answer stands: drawings come from plain states only.
+            with self.answering():
+                adapted = self.run_mllm(ids, vision, *decode)
+            if adapted.stop != self.img_token_id:
+                mllm_pass = adapted
         turn.answer = self._decode_text(mllm_pass.answer_ids)
         result = ChatOutput(text=turn.answer, input_ids=mllm_pass.input_ids)
 
@@ -463,8 +471,9 @@ class OmniGen2ChatPipeline:
 def attach_reflection_adapter(mllm, adapter: dict | None) -> list:
     """Inject the reflection LoRA adapter into ``mllm`` (peft) and switch it off; returns its LoRA layers.
 
-    The MLLM stays frozen for the diffusion transformer, whose text conditioning comes from it: judging the
-    model's own images is taught to an adapter that is on only during judging turns (``judging()``)."""
+    The MLLM stays frozen for the diffusion transformer, whose text conditioning comes from it: answering about
+    images (understanding, judging the model's own images) is taught to an adapter that is on only for text
+    answers and judging turns (``answering()``)."""
     if not adapter:
         return []
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict

@@ -1,6 +1,7 @@
 """The recipe of the bundled Shapes model, the paper's way, with the project's own code.
 
     python -m omnigen2.shapes.recipe --budget cpu --out runs/shapes        # ~2 h 20 min on 2 CPU cores
+    python -m omnigen2.shapes.recipe --budget cpu-long --out runs/shapes   # the shipped model: ~5 h, resumable
     python -m omnigen2.shapes.recipe --budget gpu --out runs/shapes        # a lent GPU
     python -m omnigen2.shapes.recipe --budget smoke --out /tmp/shapes      # minutes: checks the plumbing
 
@@ -11,11 +12,12 @@ Stages (each skipped when its output exists, so an interrupted run continues):
   4. mllm         Qwen2.5-VL trained from scratch on understanding (captions, counting, color, position)
   5. base         a pipeline directory: the frozen MLLM and VAE + a fresh transformer
   6. transformer  with the project's trainer (omnigen2 train), in the paper's phases: text-to-image only, then
-                  text-to-image + editing + in-context
+                  text-to-image + editing + in-context; (extra_steps > 0) phase 3, the mix on fresh cases
   7. export       the final pipeline, EMA weights, recommended sampling settings in the checkpoint
   8. vision       (vision_steps > 0) a larger vision tower for understanding, trained with the language model
                   frozen (the transformer's text conditioning is unchanged), swapped into the final pipeline
-  9. reflection   the judging LoRA adapter, on the model's own images (skipped with --no-reflection)
+  9. reflection   the answering LoRA adapter (understanding and judging), on understanding questions and the
+                  model's own images labelled by the judge (skipped with --no-reflection)
 """
 
 from __future__ import annotations
@@ -51,17 +53,55 @@ class Budget:
     vision_steps: int = 0  # a grown vision tower, language model frozen (0: keep the first tower; see stage_vision)
     vision_depth: int = 4
     vision_hidden: int = 128
+    # Phase 3 of the transformer (0: none): the full mix on fresh cases, extra_per_task per editing and in-context
+    # and twice as many text-to-image (data/more/, training seeds from EXTRA_SEED_OFFSET), from the phase-2 EMA.
+    extra_per_task: int = 0
+    extra_steps: int = 0
+    extra_lr: float = 5e-4
 
 
 BUDGETS = {
-    "smoke": Budget(16, 32, 4, 4, 4, 4, 4, 4, reflection_cases=4, reflection_steps=2, t2i_steps=2, vision_steps=2),
+    "smoke": Budget(
+        16,
+        32,
+        4,
+        4,
+        4,
+        4,
+        4,
+        4,
+        reflection_cases=4,
+        reflection_steps=2,
+        t2i_steps=2,
+        vision_steps=2,
+        extra_per_task=8,
+        extra_steps=2,
+    ),
     # Measured on 2 cores (docs/BENCHMARKS.md): VAE 41 min, MLLM 36 min, transformer ~0.35 s/step in phase 1 and
     # ~0.5 s/step in phase 2 at batch 16 (2.8M parameters): ~2 h 20 min in all, and far from converged.
     "cpu": Budget(10000, 6000, 2000, 16, 4000, 32, 4500, 16, t2i_steps=2500),
+    # The shipped model: the CPU recipe, then phase 3 of the transformer on 60k fresh cases (9000 steps), the grown
+    # vision tower and an answering adapter trained on 36k understanding cases besides reflection (~5 h on 2 cores).
+    "cpu-long": Budget(
+        10000,
+        6000,
+        2000,
+        16,
+        4000,
+        32,
+        4500,
+        16,
+        t2i_steps=2500,
+        extra_per_task=15000,
+        extra_steps=9000,
+        vision_steps=2500,
+        reflection_steps=2000,
+    ),
     # One lent-GPU call (scripts/shapes_gpu.sh carries the CPU-trained tokenizer, VAE and MLLM, so only the data
     # and the transformer run there); the steps are a guess until timed on the device.
     "gpu": Budget(30000, 30000, 6000, 64, 6000, 64, 8000, 64, 1e-3, t2i_steps=3000),
 }
+EXTRA_SEED_OFFSET = 10**6  # phase 3's training seeds (the first data stage uses those from 0)
 SHIFT_FACTOR = 3.0  # the fixed time shift of training and sampling (see stage_transformer)
 SAMPLING = {
     "num_inference_steps": 16,
@@ -117,6 +157,11 @@ def stage_data(out: Path, b: Budget) -> Path:
     for task, n in (("understanding", b.n_understanding), ("reflection", b.n_understanding // 2)):
         if not (out / "data" / task / "records.jsonl").is_file():
             write_dataset(out / "data", n, tasks=(task,), workers=workers)
+    more = out / "data" / "more"
+    if b.extra_per_task and not (more / "mix.yml").is_file():  # mix.yml is written last: the marker of completion
+        write_dataset(more, 2 * b.extra_per_task, EXTRA_SEED_OFFSET, tasks=("t2i",), workers=workers)
+        write_dataset(more, 2 * b.extra_per_task, EXTRA_SEED_OFFSET, tasks=("understanding",), workers=workers)
+        write_dataset(more, b.extra_per_task, EXTRA_SEED_OFFSET, tasks=("edit", "ic"), workers=workers)
     return out / "data"
 
 
@@ -333,52 +378,84 @@ def _train(cfg: dict, record: Path) -> None:
     Trainer(config).fit(resume="latest")
 
 
-# The two phases of the transformer, in run order: (run folder, data mix file, ratios). Phase 1 is text-to-image
-# only, as the paper's first stage: in the full mix from the start, the reference images explain most of the
-# edit and in-context targets and the text was hardly learned (docs/BENCHMARKS.md). Phase 2 is the full mix,
-# half of it still text-to-image (drawing from the text alone is the slowest to learn).
+# The phases of the transformer, in run order: (run folder, data mix file, [(records, ratio)]). Phase 1 is
+# text-to-image only, as the paper's first stage: in the full mix from the start, the reference images explain
+# most of the edit and in-context targets and the text was hardly learned (docs/BENCHMARKS.md). Phase 2 is the
+# full mix, half of it still text-to-image (drawing from the text alone is the slowest to learn). Phase 3
+# (budgets with extra_steps) continues the mix on fresh cases, a quarter of it the first data again.
 PHASES = (
-    ("transformer_t2i", "t2i_only.yml", {"t2i": 1.0}),
-    ("transformer_run", "phase2.yml", {"t2i": 0.5, "edit": 0.25, "ic": 0.25}),
+    ("transformer_t2i", "t2i_only.yml", [("t2i", 1.0)]),
+    ("transformer_run", "phase2.yml", [("t2i", 0.5), ("edit", 0.25), ("ic", 0.25)]),
+    (
+        "transformer_more",
+        "phase3.yml",
+        # Each task's share as in phase 2, split over its first and fresh cases by their numbers (1 : 3, 1 : 2).
+        [
+            ("t2i", 0.125),
+            ("more/t2i", 0.375),
+            ("edit", 0.0833),
+            ("more/edit", 0.1667),
+            ("ic", 0.0833),
+            ("more/ic", 0.1667),
+        ],
+    ),
 )
 
 
 def stage_transformer(out: Path, data: Path, b: Budget, base: Path) -> Path:
+    """Train the phases the budget asks for, each starting from the previous one's EMA weights; returns the last
+    run folder."""
     from ..training import export
 
-    for _, name, ratios in PHASES:
-        mix = [{"path": f"{task}/records.jsonl", "ratio": r} for task, r in ratios.items()]
+    for _, name, sources in PHASES:
+        mix = [{"path": f"{src}/records.jsonl", "ratio": r} for src, r in sources]
         (data / name).write_text(yaml.safe_dump({"data": mix}, sort_keys=False))
+    (t2i, t2i_mix, _), (mixed, mixed_mix, _), (more, more_mix, _) = PHASES
     init = base
     if b.t2i_steps:
-        run = out / PHASES[0][0]
-        _train(_transformer_config(base, data / PHASES[0][1], run, b, b.t2i_steps, "constant"), out / "t2i_config.yml")
+        _train(_transformer_config(base, data / t2i_mix, out / t2i, b, b.t2i_steps, "constant"), out / "t2i_config.yml")
         init = out / "t2i_pipeline"
         if not (init / "model_index.json").is_file():
-            export(run, init, weights="ema", sampling_defaults=SAMPLING)
-    run = out / PHASES[1][0]
-    cfg = _transformer_config(init, data / PHASES[1][1], run, b, b.transformer_steps, "cosine")
+            export(out / t2i, init, weights="ema", sampling_defaults=SAMPLING)
+    cfg = _transformer_config(init, data / mixed_mix, out / mixed, b, b.transformer_steps, "cosine")
     _train(cfg, out / "transformer_config.yml")
-    return run
+    if not b.extra_steps:
+        return out / mixed
+    init = out / "phase2_pipeline"
+    if not (init / "model_index.json").is_file():
+        export(out / mixed, init, weights="ema", sampling_defaults=SAMPLING)
+    cfg = _transformer_config(init, data / more_mix, out / more, b, b.extra_steps, "cosine")
+    cfg["train"].update(lr=b.extra_lr, warmup_steps=min(200, b.extra_steps // 10))
+    _train(cfg, out / "phase3_config.yml")
+    return out / more
 
 
-def _reflection_examples(out: Path, rounds: list[Path]) -> tuple[list, list, list]:
-    """Three pools for the reflection adapter: the model's images the judge passed, those it failed (with the
-    judge's problem and fix), and the synthetic reflection cases of the training data (rendered mistakes)."""
+def _answer_examples(out: Path, rounds: list[Path]) -> list[tuple[list, float]]:
+    """The answering adapter's pools and their weights: the model's images the judge passed, those it failed
+    (with the judge's problem and fix), the synthetic reflection cases of the training data (rendered mistakes),
+    and the understanding questions (the first data's and phase 3's)."""
     from .reflection import read_records
 
     model = [ex for r in rounds for ex in read_records(r / "records.jsonl")]
     match = [ex for ex in model if ex[2].startswith("the image matches")]
     mismatch = [ex for ex in model if not ex[2].startswith("the image matches")]
     synthetic = read_records(out / "data" / "reflection" / "records.jsonl")
-    return match, mismatch, synthetic
+    understanding = [
+        ex
+        for path in (out / "data" / "understanding", out / "data" / "more" / "understanding")
+        if (path / "records.jsonl").is_file()
+        for ex in read_records(path / "records.jsonl")
+    ]
+    pools = [(match, 0.2), (mismatch, 0.2), (synthetic, 0.15), (understanding, 0.45)]
+    return [(p, w) for p, w in pools if p]
 
 
 def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path:
     """The paper's reflection data, twice: generate images with the model on training prompts, label them with
     the judge (standing in for the external VLM: a verdict, and for a mismatch its problem and one fixing edit),
-    train the MLLM's reflection adapter; round 2 labels the images of the round-1 model after one reflection
-    round (judged and repaired by itself), and continues training the adapter. Writes OUT/final_reflect."""
+    train the MLLM's answering adapter (stored as ``mllm_reflection/``) on them with the understanding questions;
+    round 2 labels the images of the round-1 model after one reflection round (judged and repaired by itself),
+    and continues training the adapter. Writes OUT/final_reflect."""
     import random
 
     from ..eval.shapesbench import pipeline_generate
@@ -408,11 +485,10 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
             summary = reflection_records(generate, b.reflection_cases, data, start=(r + 1) * 10**6, tasks=IMAGE_TASKS)
             logger.info("reflection round %d data: %s; fixes %s", r, summary.kinds, summary.fixes)
         done.append(data)
-        match, mismatch, synthetic = _reflection_examples(out, done)
+        pools = _answer_examples(out, done)
         rng = random.Random(r)
-        pools = [(match, 0.35), (mismatch, 0.35), (synthetic, 0.3)]
-        pools = [(p, w) for p, w in pools if p]
-        examples = [rng.choice(rng.choices([p for p, _ in pools], [w for _, w in pools])[0]) for _ in range(20000)]
+        n_examples = max(20000, 32 * b.reflection_steps)  # about one visit each
+        examples = [rng.choice(rng.choices([p for p, _ in pools], [w for _, w in pools])[0]) for _ in range(n_examples)]
         batcher = UnderstandingBatcher(chat.tokenizer, chat.vision_processor)
         pipe = OmniGen2Pipeline.from_pretrained(final)  # a clean MLLM (no adapter layers); a copy is trained
         adapter, _ = train_reflection_adapter(pipe.mllm, batcher, examples, b.reflection_steps, adapter=adapter)
@@ -439,7 +515,7 @@ def learning_curve(out: Path, n: int = 60, tasks: tuple[str, ...] = ("t2i", "edi
     curve = json.loads(path.read_text()) if path.is_file() else []
     done = {row["step"] for row in curve}
     checkpoints, offset = [], 0
-    for run, _, _ in PHASES:  # steps counted over both phases
+    for run, _, _ in PHASES:  # steps counted over all phases
         steps = [(ck, int(ck.name.split("-")[1])) for ck in checkpoint_dirs(out / run)] if (out / run).is_dir() else []
         checkpoints += [(run, ck, offset + step) for ck, step in steps]
         offset += max((step for _, step in steps), default=0)

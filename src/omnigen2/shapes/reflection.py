@@ -253,11 +253,12 @@ def reflection_records(
 # -- the reflection adapter ---------------------------------------------------------------------------------------
 
 # LoRA on the language model's projections and the vision tower's blocks. The MLLM itself stays frozen: the
-# diffusion transformer is conditioned on its hidden states, so judging is taught to an adapter that the chat
-# pipeline switches on for judging turns only (OmniGen2ChatPipeline.judging).
+# diffusion transformer is conditioned on its hidden states, so answering about images (understanding and
+# judging) is taught to an adapter that the chat pipeline switches on for text answers and judging turns only
+# (OmniGen2ChatPipeline.answering). Rank 64 of the bundled model's width 128: understanding needs the capacity.
 REFLECTION_LORA = {
-    "r": 16,
-    "lora_alpha": 16,
+    "r": 64,
+    "lora_alpha": 64,
     "lora_dropout": 0.0,
     "target_modules": r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     r"|visual\.blocks.*\.(qkv|proj|gate_proj|up_proj|down_proj))",
