@@ -26,7 +26,7 @@ import argparse
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -80,27 +80,15 @@ BUDGETS = {
     # Measured on 2 cores (docs/BENCHMARKS.md): VAE 41 min, MLLM 36 min, transformer ~0.35 s/step in phase 1 and
     # ~0.5 s/step in phase 2 at batch 16 (2.8M parameters): ~2 h 20 min in all, and far from converged.
     "cpu": Budget(10000, 6000, 2000, 16, 4000, 32, 4500, 16, t2i_steps=2500),
-    # The shipped model: the CPU recipe, then phase 3 of the transformer on 60k fresh cases (9000 steps), the grown
-    # vision tower and an answering adapter trained on 36k understanding cases besides reflection (~5 h on 2 cores).
-    "cpu-long": Budget(
-        10000,
-        6000,
-        2000,
-        16,
-        4000,
-        32,
-        4500,
-        16,
-        t2i_steps=2500,
-        extra_per_task=15000,
-        extra_steps=9000,
-        vision_steps=2500,
-        reflection_steps=2000,
-    ),
     # One lent-GPU call (scripts/shapes_gpu.sh carries the CPU-trained tokenizer, VAE and MLLM, so only the data
     # and the transformer run there); the steps are a guess until timed on the device.
     "gpu": Budget(30000, 30000, 6000, 64, 6000, 64, 8000, 64, 1e-3, t2i_steps=3000),
 }
+# The shipped model: the CPU recipe, then phase 3 of the transformer on 60k fresh cases (9000 steps), the grown
+# vision tower and an answering adapter trained on 36k understanding cases besides reflection (~5 h on 2 cores).
+BUDGETS["cpu-long"] = replace(
+    BUDGETS["cpu"], extra_per_task=15000, extra_steps=9000, vision_steps=2500, reflection_steps=2000
+)
 EXTRA_SEED_OFFSET = 10**6  # phase 3's training seeds (the first data stage uses those from 0)
 SHIFT_FACTOR = 3.0  # the fixed time shift of training and sampling (see stage_transformer)
 SAMPLING = {
@@ -405,8 +393,6 @@ PHASES = (
 def stage_transformer(out: Path, data: Path, b: Budget, base: Path) -> Path:
     """Train the phases the budget asks for, each starting from the previous one's EMA weights; returns the last
     run folder."""
-    from ..training import export
-
     for _, name, sources in PHASES:
         mix = [{"path": f"{src}/records.jsonl", "ratio": r} for src, r in sources]
         (data / name).write_text(yaml.safe_dump({"data": mix}, sort_keys=False))
@@ -414,20 +400,25 @@ def stage_transformer(out: Path, data: Path, b: Budget, base: Path) -> Path:
     init = base
     if b.t2i_steps:
         _train(_transformer_config(base, data / t2i_mix, out / t2i, b, b.t2i_steps, "constant"), out / "t2i_config.yml")
-        init = out / "t2i_pipeline"
-        if not (init / "model_index.json").is_file():
-            export(out / t2i, init, weights="ema", sampling_defaults=SAMPLING)
+        init = _handoff(out / t2i, out / "t2i_pipeline")
     cfg = _transformer_config(init, data / mixed_mix, out / mixed, b, b.transformer_steps, "cosine")
     _train(cfg, out / "transformer_config.yml")
     if not b.extra_steps:
         return out / mixed
-    init = out / "phase2_pipeline"
-    if not (init / "model_index.json").is_file():
-        export(out / mixed, init, weights="ema", sampling_defaults=SAMPLING)
+    init = _handoff(out / mixed, out / "phase2_pipeline")
     cfg = _transformer_config(init, data / more_mix, out / more, b, b.extra_steps, "cosine")
     cfg["train"].update(lr=b.extra_lr, warmup_steps=min(200, b.extra_steps // 10))
     _train(cfg, out / "phase3_config.yml")
     return out / more
+
+
+def _handoff(run: Path, pipeline: Path) -> Path:
+    """A finished phase's EMA weights as a pipeline directory, where the next phase starts (exported once)."""
+    from ..training import export
+
+    if not (pipeline / "model_index.json").is_file():
+        export(run, pipeline, weights="ema", sampling_defaults=SAMPLING)
+    return pipeline
 
 
 def _answer_examples(out: Path, rounds: list[Path]) -> list[tuple[list, float]]:
