@@ -22,13 +22,21 @@ def test_smoke_recipe_end_to_end(tmp_path):
         "data/more/mix.yml",  # phase 3's fresh cases
         "phase2_pipeline/model_index.json",  # phase 3 starts from phase 2's EMA weights
         "transformer_more/metrics.jsonl",
+        "phase3_pipeline/model_index.json",  # phase 4 restarts from phase 3's EMA weights
+        "transformer_more2/metrics.jsonl",
         "mllm_vision/understanding.json",
+        "final_reflect_round3/model_index.json",  # answer_steps: the adapter once more after the two rounds
     ):
         assert (tmp_path / stage).is_file(), stage
     assert json.loads((tmp_path / "vae" / "reconstruction.json").read_text())["judge_pass_rate"] >= 0.0
     curve = json.loads((tmp_path / "learning_curve.json").read_text())
     assert [row["step"] for row in curve] == sorted(row["step"] for row in curve) and curve
-    assert {row["phase"] for row in curve} == {"transformer_t2i", "transformer_run", "transformer_more"}
+    assert {row["phase"] for row in curve} == {
+        "transformer_t2i",
+        "transformer_run",
+        "transformer_more",
+        "transformer_more2",
+    }
     # The final pipeline carries the grown vision tower (the language model is the frozen first one).
     vision = json.loads((final / "mllm" / "config.json").read_text())["vision_config"]
     assert vision["depth"] == recipe.BUDGETS["smoke"].vision_depth
