@@ -404,7 +404,7 @@ PHASES = (
 def stage_transformer(out: Path, data: Path, b: Budget, base: Path) -> Path:
     """Train the phases the budget asks for, each starting from the previous one's EMA weights; returns the last
     run folder."""
-    for _, name, sources in PHASES:
+    for name, sources in {name: sources for _, name, sources in PHASES}.items():  # phases 3 and 4 share one mix
         mix = [{"path": f"{src}/records.jsonl", "ratio": r} for src, r in sources]
         (data / name).write_text(yaml.safe_dump({"data": mix}, sort_keys=False))
     (t2i, t2i_mix, _), (mixed, mixed_mix, _) = PHASES[:2]
@@ -479,11 +479,11 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
     source, adapter, done = final, None, []
     cycles = [(r, b.reflection_steps) for r in range(1, rounds + 1)] + [(None, s) for s in b.answer_steps]
     for i, (r, steps) in enumerate(cycles, start=1):
-        chat = OmniGen2ChatPipeline.from_pretrained(source)
-        chat.set_progress_bar_config(disable=True)
-        if r is not None:  # a reflection round: new images of the model, labelled by the judge
+        if r is not None:  # a reflection round: new images of the model so far, labelled by the judge
             data = out / f"reflection_round{r}"
             if not (data / "records.jsonl").is_file():
+                chat = OmniGen2ChatPipeline.from_pretrained(source)
+                chat.set_progress_bar_config(disable=True)
                 draw = pipeline_generate(chat.pipe)
 
                 def generate(prompt, inputs, g, draw=draw, chat=chat, r=r):
@@ -502,8 +502,9 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
         rng = random.Random(i)
         n_examples = max(20000, 32 * steps)  # about one visit each
         examples = [rng.choice(rng.choices([p for p, _ in pools], [w for _, w in pools])[0]) for _ in range(n_examples)]
-        batcher = UnderstandingBatcher(chat.tokenizer, chat.vision_processor)
         pipe = OmniGen2Pipeline.from_pretrained(final)  # a clean MLLM (no adapter layers); a copy is trained
+        plain = OmniGen2ChatPipeline(pipe)  # only for its tokenizer and image processor (the same in every round)
+        batcher = UnderstandingBatcher(plain.tokenizer, plain.vision_processor)
         adapter, _ = train_reflection_adapter(pipe.mllm, batcher, examples, steps, adapter=adapter)
         pipe.reflection_adapter = adapter
         source = out / f"final_reflect_round{i}"
