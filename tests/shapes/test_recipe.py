@@ -24,6 +24,8 @@ def test_smoke_recipe_end_to_end(tmp_path):
         "transformer_more/metrics.jsonl",
         "phase3_pipeline/model_index.json",  # phase 4 restarts from phase 3's EMA weights
         "transformer_more2/metrics.jsonl",
+        "phase4_pipeline/model_index.json",  # and phase 5 (a third extra_steps entry) from phase 4's
+        "transformer_more3/metrics.jsonl",
         "mllm_vision/understanding.json",
         "final_reflect_round3/model_index.json",  # answer_steps: the adapter once more after the two rounds
     ):
@@ -36,6 +38,7 @@ def test_smoke_recipe_end_to_end(tmp_path):
         "transformer_run",
         "transformer_more",
         "transformer_more2",
+        "transformer_more3",
     }
     # The final pipeline carries the grown vision tower (the language model is the frozen first one).
     vision = json.loads((final / "mllm" / "config.json").read_text())["vision_config"]

@@ -1,7 +1,7 @@
 """The recipe of the bundled Shapes model, the paper's way, with the project's own code.
 
     python -m omnigen2.shapes.recipe --budget cpu --out runs/shapes        # ~2 h 20 min on 2 CPU cores
-    python -m omnigen2.shapes.recipe --budget cpu-long --out runs/shapes   # the shipped model: ~6 h 40 min, resumable
+    python -m omnigen2.shapes.recipe --budget cpu-long --out runs/shapes   # the shipped model: ~9 h 20 min, resumable
     python -m omnigen2.shapes.recipe --budget gpu --out runs/shapes        # a lent GPU
     python -m omnigen2.shapes.recipe --budget smoke --out /tmp/shapes      # minutes: checks the plumbing
 
@@ -13,7 +13,7 @@ Stages (each skipped when its output exists, so an interrupted run continues):
   5. base         a pipeline directory: the frozen MLLM and VAE + a fresh transformer
   6. transformer  with the project's trainer (omnigen2 train), in the paper's phases: text-to-image only, then
                   text-to-image + editing + in-context; (extra_steps) phase 3, the mix on fresh cases, and
-                  phase 4, another cycle of it
+                  phases 4, 5, ...: further cycles of it
   7. export       the final pipeline, EMA weights, recommended sampling settings in the checkpoint
   8. vision       (vision_steps > 0) a larger vision tower for understanding, trained with the language model
                   frozen (the transformer's text conditioning is unchanged), swapped into the final pipeline
@@ -60,7 +60,7 @@ class Budget:
     # Phase 3 of the transformer (0: none): the full mix on fresh cases, extra_per_task per editing and in-context
     # and twice as many text-to-image (data/more/, training seeds from EXTRA_SEED_OFFSET), from the phase-2 EMA.
     extra_per_task: int = 0
-    extra_steps: tuple[int, ...] = ()  # the steps of phase 3 and (a second entry) phase 4, each a cosine cycle
+    extra_steps: tuple[int, ...] = ()  # the steps of phases 3, 4, ... (one entry each), each a cosine cycle
     extra_lr: float = 5e-4
 
 
@@ -80,7 +80,7 @@ BUDGETS = {
         t2i_steps=2,
         vision_steps=2,
         extra_per_task=8,
-        extra_steps=(2, 2),
+        extra_steps=(2, 2, 2),
     ),
     # Measured on 2 cores (docs/BENCHMARKS.md): VAE 41 min, MLLM 36 min, transformer ~0.35 s/step in phase 1 and
     # ~0.5 s/step in phase 2 at batch 16 (2.8M parameters): ~2 h 20 min in all, and far from converged.
@@ -89,13 +89,13 @@ BUDGETS = {
     # and the transformer run there); the steps are a guess until timed on the device.
     "gpu": Budget(30000, 30000, 6000, 64, 6000, 64, 8000, 64, 1e-3, t2i_steps=3000),
 }
-# The shipped model: the CPU recipe, then phases 3 and 4 of the transformer on 60k fresh cases (9000 + 7000 steps),
-# the grown vision tower and an answering adapter trained on 36k understanding cases besides reflection, with two
-# further cycles (~6 h 40 min on 2 cores).
+# The shipped model: the CPU recipe, then phases 3 to 6 of the transformer on 60k fresh cases (9000 + 7000 + 7000 +
+# 6000 steps), the grown vision tower and an answering adapter trained on 36k understanding cases besides reflection,
+# with two further cycles (~9 h 20 min on 2 cores).
 BUDGETS["cpu-long"] = replace(
     BUDGETS["cpu"],
     extra_per_task=15000,
-    extra_steps=(9000, 7000),
+    extra_steps=(9000, 7000, 7000, 6000),
     vision_steps=2500,
     reflection_steps=2000,
     answer_steps=(3000, 3000),
@@ -381,7 +381,8 @@ def _train(cfg: dict, record: Path) -> None:
 # text-to-image only, as the paper's first stage: in the full mix from the start, the reference images explain
 # most of the edit and in-context targets and the text was hardly learned (docs/BENCHMARKS.md). Phase 2 is the
 # full mix, half of it still text-to-image (drawing from the text alone is the slowest to learn). Phase 3
-# (budgets with extra_steps) continues the mix on fresh cases, a quarter of it the first data again; phase 4 repeats it.
+# (budgets with extra_steps) continues the mix on fresh cases, a quarter of it the first data again; phases 4, 5,
+# ... repeat it (phase_run).
 # Each task's share as in phase 2, split over its first and fresh cases by their numbers (1 : 3, 1 : 2).
 MORE_MIX = [
     ("t2i", 0.125),
@@ -395,16 +396,22 @@ PHASES = (
     ("transformer_t2i", "t2i_only.yml", [("t2i", 1.0)]),
     ("transformer_run", "phase2.yml", [("t2i", 0.5), ("edit", 0.25), ("ic", 0.25)]),
     ("transformer_more", "phase3.yml", MORE_MIX),
-    # Phase 4 (a second extra_steps entry): the curves still rose at the end of phase 3, and a warm restart on the same
-    # cases (no sign of overfitting: training cases scored no higher than held-out ones) continues the climb.
-    ("transformer_more2", "phase3.yml", MORE_MIX),
 )
+
+
+def phase_run(phase: int) -> tuple[str, str]:
+    """(run folder, mix file) of transformer phase ``phase`` (1-based). Phases 4, 5, ... (further extra_steps
+    entries) repeat phase 3's cycle on the same mix from the previous phase's EMA: each such warm restart kept
+    raising the scores (no sign of overfitting: training cases scored no higher than held-out ones)."""
+    if phase <= len(PHASES):
+        return PHASES[phase - 1][:2]
+    return f"transformer_more{phase - 2}", PHASES[2][1]
 
 
 def stage_transformer(out: Path, data: Path, b: Budget, base: Path) -> Path:
     """Train the phases the budget asks for, each starting from the previous one's EMA weights; returns the last
     run folder."""
-    for name, sources in {name: sources for _, name, sources in PHASES}.items():  # phases 3 and 4 share one mix
+    for _, name, sources in PHASES:  # phases 4, 5, ... reuse phase 3's mix
         mix = [{"path": f"{src}/records.jsonl", "ratio": r} for src, r in sources]
         (data / name).write_text(yaml.safe_dump({"data": mix}, sort_keys=False))
     (t2i, t2i_mix, _), (mixed, mixed_mix, _) = PHASES[:2]
@@ -421,8 +428,8 @@ def stage_transformer(out: Path, data: Path, b: Budget, base: Path) -> Path:
 
 
 def extra_phase(out: Path, data: Path, b: Budget, phase: int, steps: int, init: Path) -> Path:
-    """Phase 3 or 4 of the transformer: a cosine cycle of ``steps`` on the phase-3 mix from ``init``."""
-    run, mix, _ = PHASES[phase - 1]
+    """Phase 3, 4, ... of the transformer: a cosine cycle of ``steps`` on the phase-3 mix from ``init``."""
+    run, mix = phase_run(phase)
     cfg = _transformer_config(init, data / mix, out / run, b, steps, "cosine")
     cfg["train"].update(lr=b.extra_lr, warmup_steps=min(200, steps // 10))
     _train(cfg, out / f"phase{phase}_config.yml")
@@ -529,7 +536,10 @@ def learning_curve(out: Path, n: int = 60, tasks: tuple[str, ...] = ("t2i", "edi
     curve = json.loads(path.read_text()) if path.is_file() else []
     done = {row["step"] for row in curve}
     checkpoints, offset = [], 0
-    for run, _, _ in PHASES:  # steps counted over all phases
+    phase = 1
+    while phase <= len(PHASES) or (out / phase_run(phase)[0]).is_dir():  # steps counted over all phases
+        run = phase_run(phase)[0]
+        phase += 1
         steps = [(ck, int(ck.name.split("-")[1])) for ck in checkpoint_dirs(out / run)] if (out / run).is_dir() else []
         checkpoints += [(run, ck, offset + step) for ck, step in steps]
         offset += max((step for _, step in steps), default=0)
