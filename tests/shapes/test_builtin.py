@@ -24,7 +24,7 @@ from omnigen2.shapes.tasks import TASKS, cases
 # "Bundled model": measured on these same cases), with a margin below the measurement. The other categories are
 # still near zero (issue #4 is open); as the model improves these floors go up and more categories join.
 N_CASES = 30
-# Measured 0.767, 0.400 and 0.333 (2026-11-28, phase 4)
+# Measured 0.700, 0.533 and 0.300 (2026-11-28, phase 6)
 FLOORS = {("t2i", "colors"): 0.5, ("edit", "remove"): 0.2, ("edit", "background"): 0.15}
 RELIANCE = 0.7  # right-prompt error / swapped-prompt error at t = 0.1: measured 0.247 / 0.529 = 0.47
 SIZE_LIMIT = 30 * 2**20
