@@ -2,7 +2,7 @@
 # Everything a lent GPU session should measure, in one device call (about 6-8 minutes on an H100):
 #   run(command="bash scripts/gpu_check.sh", carry=[".device"], timeout_s=540)
 # Prepare once on the development machine (the device reaches no package index; diffusers is not in its image):
-#   pip download diffusers==0.42.1 --no-deps -d .device/wheels && cp -r ../shared/fixtures .device/fixtures
+#   pip download diffusers==0.42.1 --no-deps -d .device/wheels && cp -r tests/fixtures .device/fixtures
 set -uo pipefail
 OUT=${OUT:-/tmp/omnigen2_out}
 mkdir -p "$OUT"

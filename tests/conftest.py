@@ -11,11 +11,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def fixtures_root() -> Path:
-    root = Path(os.environ.get("OMNIGEN2_FIXTURES", REPO.parent / "shared" / "fixtures"))
+    """The folder holding official-tiny/: a copy of the shared reference fixtures ships in tests/fixtures (3 MB),
+    so a fresh clone runs every parity test; OMNIGEN2_FIXTURES points elsewhere (e.g. ../shared/fixtures)."""
+    root = Path(os.environ.get("OMNIGEN2_FIXTURES", REPO / "tests" / "fixtures"))
     if not (root / "official-tiny" / "checkpoint" / "model_index.json").is_file():
         raise RuntimeError(
             f"official-tiny fixtures not found under {root}; set OMNIGEN2_FIXTURES to the folder that holds "
-            "official-tiny/ (the shared fixtures sit beside the repository as ../shared/fixtures)"
+            "official-tiny/ (the repository carries them as tests/fixtures/official-tiny)"
         )
     return root
 
