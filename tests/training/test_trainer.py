@@ -189,6 +189,20 @@ def test_gradient_accumulation_averages(base_config, tmp_path):
     )
 
 
+def test_detail_weight_changes_the_loss(base_config, tmp_path):
+    """objective.detail_weight reweights the same prediction errors (same seeds, same noise): another loss."""
+    runs = {}
+    for w in (0.0, 4.0):
+        tr = Trainer(config_from_dict(base_config(objective={"detail_weight": w}), [f"output.dir={tmp_path / str(w)}"]))
+        batch = tr.data.batch(0, range(2))
+        with torch.no_grad():
+            runs[w] = tr.micro_loss(batch, 0, 1.0)
+    (s0, p0), (s4, p4) = runs[0.0], runs[4.0]
+    assert abs(p4.item() - p0.item()) > 1e-4 * p0.item()
+    # The optimized (scaled) loss is the reported one times the element count, weighted or not.
+    assert s4.item() / p4.item() == pytest.approx(s0.item() / p0.item(), rel=1e-5)
+
+
 def test_two_processes_match_one(base_config, tmp_path):
     import yaml
 
@@ -328,6 +342,8 @@ def test_config_errors(base_config):
         config_from_dict(base_config(train={"mode": "qlora"}))
     with pytest.raises(ValueError, match="must be a number"):
         config_from_dict(base_config(), ["train.lr=fast"])
+    with pytest.raises(ValueError, match="objective.detail_weight must be >= 0"):
+        config_from_dict(base_config(), ["objective.detail_weight=-1"])
     cfg = config_from_dict(base_config(), ["train.lr=3e-4", "lora.target_modules=[to_q]", "train.steps=7"])
     assert cfg.train.lr == 3e-4 and cfg.lora.target_modules == ["to_q"] and cfg.train.steps == 7
 

@@ -28,7 +28,7 @@ from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
 from .data import ImageSpec, MixtureDataset
 from .lora import config_kwargs, lora_state_dict, peft_config
-from .objective import flow_loss, noisy_inputs
+from .objective import detail_weights, flow_loss, noisy_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -226,12 +226,15 @@ class Trainer:
         text, mask = self._text(batch)
         with self.acc.autocast():
             pred = self.model(xt, t, text, None, mask, refs)
+        weights = detail_weights(x1, cfg.objective.detail_weight) if cfg.objective.detail_weight > 0 else None
+        ws = weights if weights is not None else [1.0] * len(target)
         if cfg.objective.loss_reduction == "element":
-            local = sum((p.float() - y).square().sum() for p, y in zip(pred, target))
+            local = sum(((p.float() - y).square() * w).sum() for p, y, w in zip(pred, target, ws))
         else:
-            local = sum((p.float() - y).square().mean() for p, y in zip(pred, target))
+            local = sum(((p.float() - y).square() * w).mean() for p, y, w in zip(pred, target, ws))
         # DDP averages gradients over processes, hence the factor num_processes.
-        return local * (self.acc.num_processes / normalizer), flow_loss(pred, target, cfg.objective.loss_reduction)
+        plain = flow_loss(pred, target, cfg.objective.loss_reduction, weights)
+        return local * (self.acc.num_processes / normalizer), plain
 
     def _normalizer(self, batches) -> float:
         """Total element (or sample) count of this optimizer step over all micro-batches and processes."""
