@@ -24,9 +24,9 @@ from omnigen2.shapes.tasks import TASKS, cases
 # "Bundled model": measured on these same cases), with a margin below the measurement. The other categories are
 # still near zero (issue #4 is open); as the model improves these floors go up and more categories join.
 N_CASES = 30
-# Measured 0.700, 0.533 and 0.300 (2026-11-28, phase 6)
+# Measured 0.733, 0.567 and 0.333 (2026-11-28, phase 7)
 FLOORS = {("t2i", "colors"): 0.5, ("edit", "remove"): 0.2, ("edit", "background"): 0.15}
-RELIANCE = 0.7  # right-prompt error / swapped-prompt error at t = 0.1: measured 0.247 / 0.529 = 0.47
+RELIANCE = 0.7  # right-prompt error / swapped-prompt error at t = 0.1: measured 0.240 / 0.530 = 0.45
 SIZE_LIMIT = 30 * 2**20
 
 

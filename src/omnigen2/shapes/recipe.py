@@ -1,7 +1,7 @@
 """The recipe of the bundled Shapes model, the paper's way, with the project's own code.
 
     python -m omnigen2.shapes.recipe --budget cpu --out runs/shapes        # ~2 h 20 min on 2 CPU cores
-    python -m omnigen2.shapes.recipe --budget cpu-long --out runs/shapes   # the shipped model: ~9 h 20 min, resumable
+    python -m omnigen2.shapes.recipe --budget cpu-long --out runs/shapes   # the shipped model: ~10 h 35 min, resumable
     python -m omnigen2.shapes.recipe --budget gpu --out runs/shapes        # a lent GPU
     python -m omnigen2.shapes.recipe --budget smoke --out /tmp/shapes      # minutes: checks the plumbing
 
@@ -89,13 +89,13 @@ BUDGETS = {
     # and the transformer run there); the steps are a guess until timed on the device.
     "gpu": Budget(30000, 30000, 6000, 64, 6000, 64, 8000, 64, 1e-3, t2i_steps=3000),
 }
-# The shipped model: the CPU recipe, then phases 3 to 6 of the transformer on 60k fresh cases (9000 + 7000 + 7000 +
-# 6000 steps), the grown vision tower and an answering adapter trained on 36k understanding cases besides reflection,
-# with two further cycles (~9 h 20 min on 2 cores).
+# The shipped model: the CPU recipe, then phases 3 to 7 of the transformer on 60k fresh cases (9000 + 7000 + 7000 +
+# 6000 + 5500 steps), the grown vision tower and an answering adapter trained on 36k understanding cases besides
+# reflection, with two further cycles (~10 h 35 min on 2 cores).
 BUDGETS["cpu-long"] = replace(
     BUDGETS["cpu"],
     extra_per_task=15000,
-    extra_steps=(9000, 7000, 7000, 6000),
+    extra_steps=(9000, 7000, 7000, 6000, 5500),
     vision_steps=2500,
     reflection_steps=2000,
     answer_steps=(3000, 3000),
