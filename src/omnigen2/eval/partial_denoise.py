@@ -29,14 +29,15 @@ def partial_generate(pipe, case_list, t0: float, steps: int | None = None, **kwa
     table = {sb._key(c.prompt, c.input_images()): c for c in case_list}
     steps = steps or pipe.sampling_defaults.get("num_inference_steps", 28)
     size = sb.CANVAS
+    # The model's own times (its scheduler, its shift) for this canvas, from t0 on.
+    side = size // pipe.vae_scale_factor
+    pipe.scheduler.set_timesteps(steps, num_tokens=side * side)
+    times = [t0] + [float(t) for t in pipe.scheduler.timesteps.cpu() if t > t0 + 1e-6]
 
     def generate(prompt, input_images, generator):
         case = table[sb._key(prompt, input_images)]
         x1 = pipe.encode_images([case.render_target()], size * size, size)[0][None]  # (1, C, h, w)
         x0 = torch.randn(x1.shape, generator=generator).to(x1)
-        # The model's own times (its scheduler, its shift), from t0 on.
-        pipe.scheduler.set_timesteps(steps, num_tokens=x1.shape[-2] * x1.shape[-1])
-        times = [t0] + [float(t) for t in pipe.scheduler.timesteps.cpu() if t > t0 + 1e-6]
         out = pipe(
             prompt=prompt,
             input_images=input_images or None,

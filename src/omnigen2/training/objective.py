@@ -97,8 +97,9 @@ def flow_loss(
     ``"sample"``: each sample's own mean, averaged over samples (the original; small images weigh as much as
     large ones).
     """
-    ws = weights if weights is not None else [1.0] * len(target)
-    sq = [(p.float() - t.float()).square() * w for p, t, w in zip(pred, target, ws)]
+    sq = [(p.float() - t.float()).square() for p, t in zip(pred, target)]
+    if weights is not None:
+        sq = [s * w for s, w in zip(sq, weights)]
     if reduction == "element":
         return sum(s.sum() for s in sq) / sum(t.numel() for t in target)
     if reduction == "sample":

@@ -227,14 +227,11 @@ class Trainer:
         with self.acc.autocast():
             pred = self.model(xt, t, text, None, mask, refs)
         weights = detail_weights(x1, cfg.objective.detail_weight) if cfg.objective.detail_weight > 0 else None
-        ws = weights if weights is not None else [1.0] * len(target)
-        if cfg.objective.loss_reduction == "element":
-            local = sum(((p.float() - y).square() * w).sum() for p, y, w in zip(pred, target, ws))
-        else:
-            local = sum(((p.float() - y).square() * w).mean() for p, y, w in zip(pred, target, ws))
-        # DDP averages gradients over processes, hence the factor num_processes.
         plain = flow_loss(pred, target, cfg.objective.loss_reduction, weights)
-        return local * (self.acc.num_processes / normalizer), plain
+        # This micro-batch's share of the step's global mean: its own mean times its element (or sample) count
+        # over the step's total; DDP averages gradients over processes, hence the factor num_processes.
+        count = sum(y.numel() for y in target) if cfg.objective.loss_reduction == "element" else len(target)
+        return plain * (count * self.acc.num_processes / normalizer), plain
 
     def _normalizer(self, batches) -> float:
         """Total element (or sample) count of this optimizer step over all micro-batches and processes."""
