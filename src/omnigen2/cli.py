@@ -90,7 +90,7 @@ def _add_chat(sub) -> None:
         help="output prefix (OUT.png, and OUT_round0.png, OUT_round1.png, ... for the versions reflection "
         "went through) or an existing directory (DIR/chat.png, ...); default: chat",
     )
-    p.add_argument("--reflect", type=int, default=0, metavar="N", help="reflection rounds after drawing (default 0)")
+    p.add_argument("--reflect", type=int, default=0, metavar="N", help="repairs after drawing, each judged (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     p.add_argument("--force-image", action="store_true", help="start the answer with <|img|>: always draw")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
@@ -138,6 +138,8 @@ def cmd_chat(args) -> int:
     for k, r in enumerate(out.rounds, 1):
         note = f'; edited with "{r.fix}"' if r.image is not None else ""
         print(f"reflection {k}: {r.answer!r} ({r.verdict}{note})")
+    if any(r.image is not None for r in out.rounds):
+        print(f"kept: repair {out.kept}" if out.kept else "kept: the drawing (no repair was judged a match)")
     if not out.images:
         return 0
     base = Path(args.output)

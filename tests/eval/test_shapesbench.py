@@ -138,14 +138,16 @@ def test_reflect_records_rounds_and_self_verdicts(official_tiny, chat, monkeypat
     assert agree["n"] == 2 and agree["unparsed"] + agree["match_failed"] + agree["mismatch_failed"] == 2
     assert data["summary"]["tasks"]["t2i"]["reflection"]["rounds"] == 1.0
 
-    # Scripted verdicts on the (failing) random drawings: a match disagrees; a mismatch agrees and is repaired.
-    answers = iter([MATCHES, MISMATCH_ANSWER])
+    # Scripted verdicts on the (failing) random drawings: a match disagrees; a mismatch agrees and is repaired,
+    # and the repair, judged a match, is kept.
+    answers = iter([MATCHES, MISMATCH_ANSWER, MATCHES])
     monkeypatch.setattr(chat, "judge", lambda image, instruction, max_new_tokens=64: next(answers))
     report = run(chat_generate(chat, reflect=1, steps=1, force_draw=True), n=2, tasks=["t2i"], progress=False)
     first, second = (r.details for r in report.results)
     assert (first["self_verdict"], first["self_verdict_agrees"], first["image_changed"]) == ("match", False, False)
     assert (second["self_verdict"], second["self_verdict_agrees"], second["image_changed"]) == ("mismatch", True, True)
     assert not first["first_passed"] and not second["first_passed"]
+    assert (first["reflect_rounds"], first["kept"], second["reflect_rounds"], second["kept"]) == (1, 0, 2, 1)
     agree = report.summary()["tasks"]["t2i"]["self_verdict_agreement"]
     assert (agree["score"], agree["match_failed"], agree["mismatch_failed"]) == (0.5, 1, 1)
     assert "self verdict agreement" in report.table()

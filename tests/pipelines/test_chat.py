@@ -296,17 +296,37 @@ def test_reflection_edits_with_the_fix_then_judges_again(chat, scripted):
     edit = spy.calls[1]
     assert edit["prompt"] == "make the red circle blue" and edit["input_images"] == [first.judged]
     assert second.judged is first.image and second.verdict == "match" and second.image is None
-    assert np.array_equal(np.asarray(out.images[0]), np.asarray(first.image))  # the repaired image is returned
+    assert np.array_equal(np.asarray(out.images[0]), np.asarray(first.image))  # the accepted repair is returned
+    assert out.kept == 1
     assert chat.history[-1].generated == out.images and len(asked) == 2
 
 
-def test_reflection_respects_n(chat, scripted):
+def test_reflection_respects_n_and_judges_the_last_repair(chat, scripted):
     asked, answers, spy = scripted
     answers[:] = [MISMATCH_ANSWER]  # never satisfied
     out = draw(chat, reflect=2)
-    assert [r.verdict for r in out.rounds] == ["mismatch", "mismatch"] and len(spy.calls) == 3
-    assert out.rounds[1].judged is out.rounds[0].image and len(asked) == 2
-    assert draw(chat, reflect=0).rounds == []
+    # two repairs (three generation calls with the drawing), each judged: three judgements
+    assert [r.verdict for r in out.rounds] == ["mismatch"] * 3 and len(spy.calls) == 3 and len(asked) == 3
+    assert out.rounds[1].judged is out.rounds[0].image and out.rounds[2].judged is out.rounds[1].image
+    assert out.rounds[2].image is None and out.rounds[2].fix == "make the red circle blue"  # no third repair
+    # no repair was accepted: the drawing is returned, not a repair the MLLM itself rejected
+    assert out.kept == 0 and np.array_equal(np.asarray(out.images[0]), np.asarray(out.rounds[0].judged))
+    assert not np.array_equal(np.asarray(out.images[0]), np.asarray(out.rounds[1].image))
+    asked.clear()
+    assert draw(chat, reflect=0).rounds == [] and asked == []  # reflect=0 does not judge
+
+
+def test_reflection_keeps_the_repair_judged_a_match(chat, scripted):
+    asked, answers, spy = scripted
+    answers[:] = [MISMATCH_ANSWER, MISMATCH_ANSWER, MATCHES]
+    out = draw(chat, reflect=3)
+    assert [r.verdict for r in out.rounds] == ["mismatch", "mismatch", "match"] and len(spy.calls) == 3
+    assert out.kept == 2 and np.array_equal(np.asarray(out.images[0]), np.asarray(out.rounds[1].image))
+    assert chat.history[-1].generated == out.images
+    # an unparsed judgement of a repair ends the loop and does not accept it
+    answers[:] = [MISMATCH_ANSWER, "a circle, maybe"]
+    out = draw(chat, reflect=3)
+    assert [r.verdict for r in out.rounds] == ["mismatch", "unparsed"] and out.kept == 0
 
 
 def test_reflection_stops_on_unparsed_answer(chat, scripted):

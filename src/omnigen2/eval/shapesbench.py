@@ -241,6 +241,7 @@ def chat_generate(
             "drew": True,
             "reflect_rounds": len(out.rounds),
             "image_changed": first.tobytes() != final.tobytes(),
+            "kept": out.kept,
             "rounds": [{"answer": r.answer, "verdict": r.verdict, "edited": r.image is not None} for r in out.rounds],
         }
         if not out.rounds:

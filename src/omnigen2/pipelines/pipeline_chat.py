@@ -82,11 +82,13 @@ class ChatOutput:
     ``images``: the drawn images after reflection (PIL, an array or a tensor per ``output_type``; empty for a
     text answer); ``rounds``: the reflection rounds; ``input_ids`` (1, L): the tokens of the pass (conversation
     and answer, without the stop token); ``prompt_embeds`` (1, T, D) / ``prompt_attention_mask`` (1, T): the
-    conditioning the image was drawn from (None for a text answer)."""
+    conditioning the image was drawn from (None for a text answer); ``kept``: which version ``images`` holds after
+    reflection (0: the drawing, k: the k-th repair, the one the MLLM judged a match)."""
 
     text: str
     images: Any = field(default_factory=list)
     rounds: list[ReflectionRound] = field(default_factory=list)
+    kept: int = 0
     input_ids: torch.Tensor | None = None
     prompt_embeds: torch.Tensor | None = None
     prompt_attention_mask: torch.Tensor | None = None
@@ -347,16 +349,16 @@ class OmniGen2ChatPipeline:
 
     def reflect(self, image, instruction: str, rounds: int, generator=None, **image_kwargs) -> list[ReflectionRound]:
         """Judge ``image`` against ``instruction``; on "does not match: {problem}. {fix}" edit it with ``fix``
-        through the editing path (OmniGen2Pipeline, the image as input) and judge the result; at most ``rounds``
-        judgements. A match or an unparsed answer ends the loop."""
-        record = []
-        for _ in range(rounds):
-            question = REFLECT_QUESTION.format(instruction=instruction)
+        through the editing path (OmniGen2Pipeline, the image as input) and judge the repair; at most ``rounds``
+        repairs, every one judged (so at most ``rounds + 1`` judgements). A match or an unparsed answer ends the
+        loop."""
+        record, question = [], REFLECT_QUESTION.format(instruction=instruction)
+        for k in range(rounds + 1):
             answer = self.judge(image, instruction)
             verdict, problem, fix = parse_reflection(answer)
             step = ReflectionRound(question, image, answer, verdict, problem, fix)
             record.append(step)
-            if verdict != "mismatch":
+            if verdict != "mismatch" or k == rounds:
                 break
             step.pixels = self.pipe(
                 prompt=fix, input_images=[image], generator=generator, output_type="pt", **image_kwargs
@@ -448,9 +450,14 @@ class OmniGen2ChatPipeline:
             result.prompt_embeds, result.prompt_attention_mask = embeds, mask
 
             # 3. Reflection: judge the drawing against the instruction, edit it with the suggested fix
-            result.rounds = self.reflect(_to_pil(drawn)[0], prompt, reflect, generator, **sampling)
-            edits = [r.pixels for r in result.rounds if r.pixels is not None]
-            drawn = edits[-1] if edits else drawn  # the last repair, else the drawing
+            if reflect > 0:
+                result.rounds = self.reflect(_to_pil(drawn)[0], prompt, reflect, generator, **sampling)
+            # Round k judged version k (0: the drawing, k: the k-th repair). A repair is kept only when the MLLM
+            # judged it a match: repairs go through the editing path and can break what was right, so one it did
+            # not accept is no evidence of an improvement (docs/CHAT.md, "Reflection").
+            versions = [drawn, *(r.pixels for r in result.rounds if r.pixels is not None)]
+            result.kept = next((k for k, r in enumerate(result.rounds) if r.verdict == "match"), 0)
+            drawn = versions[result.kept]
             turn.generated = _to_pil(drawn)
             result.images = _convert(drawn, output_type)
         self.history.append(turn)
