@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import yaml
+
 from omnigen2 import OmniGen2ChatPipeline
 from omnigen2.shapes import recipe
 
@@ -27,6 +29,9 @@ def test_smoke_recipe_end_to_end(tmp_path):
         "phase4_pipeline/model_index.json",  # and phase 5 (a third extra_steps entry) from phase 4's
         "transformer_more3/metrics.jsonl",
         "mllm_vision/understanding.json",
+        "transformer_chat/metrics.jsonl",  # the chat phase, after the vision stage (two cycles)
+        "transformer_chat2/metrics.jsonl",
+        "final_chat/model_index.json",
         "final_reflect_round3/model_index.json",  # answer_steps: the adapter once more after the two rounds
     ):
         assert (tmp_path / stage).is_file(), stage
@@ -40,6 +45,11 @@ def test_smoke_recipe_end_to_end(tmp_path):
         "transformer_more2",
         "transformer_more3",
     }
+    # The chat phase trains on chat-form samples that show the MLLM their images; its weights are the final ones.
+    chat_cfg = yaml.safe_load((tmp_path / "chat2_config.yml").read_text())["data"]
+    assert chat_cfg["chat_images"] and chat_cfg["generation_prompt_prob"] > 0
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "final_chat" / weights).read_bytes() == (final / weights).read_bytes()
     # The final pipeline carries the grown vision tower (the language model is the frozen first one).
     vision = json.loads((final / "mllm" / "config.json").read_text())["vision_config"]
     assert vision["depth"] == recipe.BUDGETS["smoke"].vision_depth

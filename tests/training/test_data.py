@@ -131,6 +131,22 @@ def test_generation_prompt_share(four_samples, tokenizer):
     assert 0.4 < share < 0.6, share
 
 
+def test_chat_images_flags_chat_form_samples_with_inputs(four_samples, tokenizer):
+    """chat_images marks the chat-form samples that have input images and a prompt: those a chat turn shows
+    the MLLM; text-to-image, plain-form and dropped-prompt samples keep the instruction-only encoding."""
+    path = str(four_samples / "data.jsonl")
+    flags = lambda **kw: [  # noqa: E731
+        MixtureDataset(DataConfig(path=path, **kw), tokenizer).sample(s, 0, load=False) for s in range(40)
+    ]
+    on = flags(generation_prompt_prob=1.0, chat_images=True)
+    assert all(s["chat_images"] == bool(s["refs"]) for s in on) and any(s["chat_images"] for s in on)
+    assert not any(s["chat_images"] for s in flags(generation_prompt_prob=1.0))
+    assert not any(s["chat_images"] for s in flags(chat_images=True))  # never in the plain form
+    dropped = flags(generation_prompt_prob=1.0, chat_images=True, prompt_dropout=1.0)
+    assert any(s["refs"] for s in dropped) and not any(s["chat_images"] for s in dropped)
+    assert on[0]["instruction"] in on[0]["text"]
+
+
 def test_caption_prefix_dropping(four_samples, tokenizer):
     keep = MixtureDataset(DataConfig(path=str(four_samples / "data.jsonl"), caption_prefix_drop=0.0), tokenizer)
     drop = MixtureDataset(DataConfig(path=str(four_samples / "data.jsonl"), caption_prefix_drop=1.0), tokenizer)

@@ -335,6 +335,42 @@ def test_token_embedding_rows(base_config, four_samples, tmp_path):
     assert changed == [img_id]
 
 
+def test_chat_images_condition_as_the_chat_pipeline_draws(base_config, four_samples):
+    """A data.chat_images sample is conditioned on exactly the states the chat pipeline draws that turn from
+    (its input images shown to the MLLM); the batch's other samples keep the instruction-only encoding."""
+    from omnigen2 import OmniGen2ChatPipeline
+    from omnigen2.pipelines.pipeline_chat import IMG_TOKEN
+
+    trainer = Trainer(config_from_dict(base_config(data={"generation_prompt_prob": 1.0, "chat_images": True})))
+    step = next(s for s in range(50) if sum(trainer.data.batch(s, range(2), load=False)["chat_images"]) == 1)
+    batch = trainer.data.batch(step, range(2), load=False)
+    hidden, mask = trainer._text(batch)  # (2, T, D), (2, T)
+    chat = OmniGen2ChatPipeline(trainer.pipe)
+    for i, flagged in enumerate(batch["chat_images"]):
+        n = int(mask[i].sum())
+        assert mask[i, :n].all() and not mask[i, n:].any()
+        if flagged:
+            images = [Image.open(r.path).convert("RGB") for r in batch["refs"][i]]
+            out = chat(
+                batch["instructions"][i],
+                input_images=images,
+                assistant_prefix=IMG_TOKEN,
+                num_inference_steps=1,
+                height=64,
+                width=64,
+                text_guidance_scale=1.0,
+            )
+            chat.reset()
+            assert out.prompt_embeds.shape[1] == n
+            torch.testing.assert_close(hidden[i, :n], out.prompt_embeds[0].float(), rtol=0, atol=1e-6)
+        else:
+            ids, m = batch["input_ids"][i : i + 1], batch["attention_mask"][i : i + 1]
+            with torch.no_grad():
+                ref = trainer.pipe.mllm(input_ids=ids, attention_mask=m, output_hidden_states=True).hidden_states[-1]
+            torch.testing.assert_close(hidden[i, :n], ref[0, :n].float(), rtol=0, atol=1e-5)
+    assert torch.isfinite(trainer.micro_loss(batch, step, 1.0)[0])
+
+
 def test_config_errors(base_config):
     with pytest.raises(ValueError, match="unknown config key"):
         config_from_dict(base_config(train={"learning_rate": 1.0}))

@@ -310,6 +310,17 @@ class OmniGen2ChatPipeline:
         return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
 
     @torch.no_grad()
+    def drawing_conditioning(
+        self, prompt: str, images: list[PIL.Image.Image] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conditioning of a fresh one-turn conversation answered ``<|img|>`` at once: what ``__call__`` draws
+        from with ``assistant_prefix="<|img|>"``, the images shown to the MLLM. The trainer conditions its
+        ``data.chat_images`` samples on it, so the transformer learns the chat form of an edit or in-context
+        instruction. (1, T, D) and a (1, T) mask of ones."""
+        ids, vision = self.build_inputs([Turn(prompt, self._check_images(images))])
+        return self.conditioning(self.run_mllm(ids, vision, IMG_TOKEN))
+
+    @torch.no_grad()
     def encode_negative(self, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         """The negative branch as the original chat pipeline encodes it: the one-turn chat template of the
         negative prompt, assistant generation prompt included, text only. (1, T, D) and a (1, T) mask."""

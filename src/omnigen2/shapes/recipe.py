@@ -1,7 +1,7 @@
 """The recipe of the bundled Shapes model, the paper's way, with the project's own code.
 
     python -m omnigen2.shapes.recipe --budget cpu --out runs/shapes        # ~2 h 20 min on 2 CPU cores
-    python -m omnigen2.shapes.recipe --budget cpu-long --out runs/shapes   # the shipped model: ~10 h 35 min, resumable
+    python -m omnigen2.shapes.recipe --budget cpu-long --out runs/shapes   # the shipped model: ~12 h 45 min, resumable
     python -m omnigen2.shapes.recipe --budget gpu --out runs/shapes        # a lent GPU
     python -m omnigen2.shapes.recipe --budget smoke --out /tmp/shapes      # minutes: checks the plumbing
 
@@ -17,7 +17,9 @@ Stages (each skipped when its output exists, so an interrupted run continues):
   7. export       the final pipeline, EMA weights, recommended sampling settings in the checkpoint
   8. vision       (vision_steps > 0) a larger vision tower for understanding, trained with the language model
                   frozen (the transformer's text conditioning is unchanged), swapped into the final pipeline
-  9. reflection   the answering LoRA adapter (understanding and judging), on understanding questions and the
+  9. chat         (chat_steps) last transformer cycles in which chat-form edit and in-context samples show
+                  their images to the final MLLM, as a chat turn conditions its drawing
+ 10. reflection   the answering LoRA adapter (understanding and judging), on understanding questions and the
                   model's own images labelled by the judge (skipped with --no-reflection)
 """
 
@@ -62,6 +64,10 @@ class Budget:
     extra_per_task: int = 0
     extra_steps: tuple[int, ...] = ()  # the steps of phases 3, 4, ... (one entry each), each a cosine cycle
     extra_lr: float = 5e-4
+    # The chat phase, after the vision stage (one cosine cycle per entry, each from the previous one's EMA; none
+    # when empty): the phase-3 mix with half the texts in the chat form, whose edit and in-context samples show
+    # their images to the final MLLM (data.chat_images), as a chat turn conditions its drawing.
+    chat_steps: tuple[int, ...] = ()
 
 
 BUDGETS = {
@@ -81,6 +87,7 @@ BUDGETS = {
         vision_steps=2,
         extra_per_task=8,
         extra_steps=(2, 2, 2),
+        chat_steps=(2, 2),
     ),
     # Measured on 2 cores (docs/BENCHMARKS.md): VAE 41 min, MLLM 36 min, transformer ~0.35 s/step in phase 1 and
     # ~0.5 s/step in phase 2 at batch 16 (2.8M parameters): ~2 h 20 min in all, and far from converged.
@@ -89,13 +96,15 @@ BUDGETS = {
     # and the transformer run there); the steps are a guess until timed on the device.
     "gpu": Budget(30000, 30000, 6000, 64, 6000, 64, 8000, 64, 1e-3, t2i_steps=3000),
 }
-# The shipped model: the CPU recipe, then phases 3 to 7 of the transformer on 60k fresh cases (9000 + 7000 + 7000 +
-# 6000 + 5500 steps), the grown vision tower and an answering adapter trained on 36k understanding cases besides
-# reflection, with two further cycles (~10 h 35 min on 2 cores).
+# The shipped model: the CPU recipe, then phases 3 to 8 of the transformer on 60k fresh cases (9000 + 7000 + 7000 +
+# 6000 + 5500 + 5500 steps), the grown vision tower, the chat phase (3000 steps; a second cycle lowered the pipeline's
+# scores and not the chat's: docs/BENCHMARKS.md) and an answering adapter trained on 36k understanding cases
+# besides reflection, with two further cycles (~12 h 45 min on 2 cores).
 BUDGETS["cpu-long"] = replace(
     BUDGETS["cpu"],
     extra_per_task=15000,
-    extra_steps=(9000, 7000, 7000, 6000, 5500),
+    extra_steps=(9000, 7000, 7000, 6000, 5500, 5500),
+    chat_steps=(3000,),
     vision_steps=2500,
     reflection_steps=2000,
     answer_steps=(3000, 3000),
@@ -436,6 +445,24 @@ def extra_phase(out: Path, data: Path, b: Budget, phase: int, steps: int, init: 
     return out / run
 
 
+def stage_chat(out: Path, data: Path, b: Budget, final: Path) -> Path:
+    """The chat phase (``chat_steps``): the transformer learns the conditioning of a chat turn that shows the
+    MLLM its input images, from FINAL (after the vision stage, whose tower those images pass through); a
+    generation-pipeline edit conditions on the instruction alone, and without this phase a chat edit drew from
+    states the transformer never saw (docs/CHAT.md). Its EMA weights become OUT/final_chat."""
+    target = out / "final_chat"
+    if not (target / "model_index.json").is_file():
+        init = final
+        for k, steps in enumerate(b.chat_steps, start=1):
+            run = out / f"transformer_chat{k if k > 1 else ''}"
+            cfg = _transformer_config(init, data / PHASES[2][1], run, b, steps, "cosine")
+            cfg["train"].update(lr=b.extra_lr, warmup_steps=min(200, steps // 10))
+            cfg["data"].update(generation_prompt_prob=0.5, chat_images=True)
+            _train(cfg, out / f"chat{k}_config.yml")
+            init = _handoff(run, target if k == len(b.chat_steps) else out / f"chat{k}_pipeline")
+    return target
+
+
 def _handoff(run: Path, pipeline: Path) -> Path:
     """A finished phase's EMA weights as a pipeline directory, where the next phase starts (exported once)."""
     from ..training import export
@@ -584,6 +611,8 @@ def run(out: Path, budget: str = "cpu", curve: int = 0, reflection: bool = True)
         learning_curve(out, curve)
     if b.vision_steps:
         stage_vision(out, data, tokenizer, b, final)
+    if b.chat_steps:
+        final = stage_chat(out, data, b, final)
     if reflection:
         final = stage_reflection(out, final, b)
         logger.info("with the reflection adapter: %s", final)

@@ -104,6 +104,13 @@ class ImageSpec:
         proc = OmniGen2ImageProcessor(vae_scale_factor=self.size_multiple)
         return proc.preprocess_reference(img, self.max_pixels, self.max_side_length)[0]
 
+    def pil(self) -> PIL.Image.Image:
+        """The image as a user would hand it to the chat pipeline: the file, not resized."""
+        try:
+            return load_image(self.path)
+        except ImageError as e:
+            raise DataError(f"{self.where}: {e}") from e
+
     def size(self) -> tuple[int, int]:
         """The (H, W) that ``load`` returns, read from the file header only."""
         try:
@@ -244,6 +251,10 @@ class DataConfig:
     # The share of samples whose text ends with the assistant's generation prompt, the form a chat turn that
     # answers <|img|> conditions on (OmniGen2ChatPipeline); the generation pipeline's form has none.
     generation_prompt_prob: float = 0.0
+    # Chat-form samples with input images show them to the MLLM as a chat turn does (image slots before the
+    # instruction, through the ViT; OmniGen2ChatPipeline.drawing_conditioning). The generation pipeline encodes
+    # the instruction alone, so without this a chat edit conditions the transformer on states it never saw.
+    chat_images: bool = False
     max_token_len: int = 1024
     check_images: bool = True
     cache_latents: bool = True  # keep each image's VAE posterior in memory (inputs are re-used every epoch)
@@ -317,6 +328,8 @@ class MixtureDataset:
             refs, target = [r.load() for r in refs], target.load()
         return {
             "text": text,
+            "instruction": instruction,
+            "chat_images": self.cfg.chat_images and chat_form and not drop_prompt and bool(inputs),
             "refs": refs,
             "target": target,
             "task_type": rec.task_type,
@@ -337,6 +350,8 @@ class MixtureDataset:
         return {
             "input_ids": tok.input_ids,
             "attention_mask": tok.attention_mask,
+            "instructions": [it["instruction"] for it in items],
+            "chat_images": [it["chat_images"] for it in items],
             "refs": [it["refs"] for it in items],
             "targets": [it["target"] for it in items],
             "positions": list(positions),

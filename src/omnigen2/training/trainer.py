@@ -51,6 +51,14 @@ class EMA:
             self.shadow[k].lerp_(p.detach().float(), 1 - self.decay)
 
 
+def _tensor_to_pil(image: torch.Tensor):
+    """(3, H, W) in [-1, 1] -> an RGB PIL image (a reference given as a tensor, shown to the MLLM)."""
+    import PIL.Image
+
+    pixels = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, H, W)
+    return PIL.Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
+
+
 def lr_lambda(cfg) -> callable:
     def f(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -111,6 +119,12 @@ class Trainer:
         if t.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.token_rows = self._token_rows(t.train_token_embeddings)
+        self._chat = None  # OmniGen2ChatPipeline over the same components, for data.chat_images
+        if self.token_rows is not None and cfg.data.chat_images:
+            raise ValueError(
+                "data.chat_images encodes samples through the chat pipeline without gradients; it cannot train "
+                "train.train_token_embeddings too"
+            )
         self.transformer.train()
 
         # 2. Trained parameters, optimizer, schedule, EMA
@@ -199,14 +213,44 @@ class Trainer:
         return out
 
     def _text(self, batch):
+        """The MLLM's conditioning of a micro-batch: (B, T, D) float states and their right-padded (B, T) mask.
+        Samples flagged ``chat_images`` are encoded as a chat turn that shows the MLLM its input images; the
+        others by the instruction alone, as the generation pipeline encodes them."""
         dev = self.acc.device
         ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
-        ctx = torch.enable_grad() if self.token_rows is not None else torch.no_grad()
-        with ctx:
-            hidden = self.pipe.mllm(
-                input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1
-            ).hidden_states[-1]
-        return hidden.float(), mask
+        # 1. The states of each sample: the instruction-only samples in one batched pass, the chat ones one by one
+        chat = batch.get("chat_images") or [False] * len(ids)
+        plain = [i for i, c in enumerate(chat) if not c]
+        rows: list[torch.Tensor | None] = [None] * len(ids)  # (T_i, D) each
+        if plain:
+            ctx = torch.enable_grad() if self.token_rows is not None else torch.no_grad()
+            with ctx:
+                hidden = self.pipe.mllm(
+                    input_ids=ids[plain], attention_mask=mask[plain], output_hidden_states=True, logits_to_keep=1
+                ).hidden_states[-1]  # (len(plain), L, D)
+            if len(plain) == len(ids):
+                return hidden.float(), mask
+            for k, i in enumerate(plain):
+                rows[i] = hidden[k, : int(mask[i].sum())].float()
+        for i in (i for i, c in enumerate(chat) if c):
+            images = [r.pil() if isinstance(r, ImageSpec) else _tensor_to_pil(r) for r in batch["refs"][i]]
+            rows[i] = self.chat.drawing_conditioning(batch["instructions"][i], images)[0][0].float()  # (T_i, D)
+        # 2. Right-pad the rows to one (B, T, D) tensor, the mask marking each row's tokens
+        width = max(r.shape[0] for r in rows)
+        out = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
+        out_mask = torch.zeros(len(rows), width, dtype=mask.dtype, device=dev)
+        for i, r in enumerate(rows):
+            out[i, : r.shape[0]], out_mask[i, : r.shape[0]] = r, 1
+        return out, out_mask
+
+    @property
+    def chat(self):
+        """The chat pipeline over the frozen components, built on first use (``data.chat_images``)."""
+        if self._chat is None:
+            from ..pipelines import OmniGen2ChatPipeline
+
+            self._chat = OmniGen2ChatPipeline(self.pipe)
+        return self._chat
 
     def micro_loss(self, batch, step: int, normalizer: float):
         """Loss of one micro-batch, scaled so that summing over micro-batches and averaging over processes
