@@ -5,14 +5,16 @@ steps train nothing); tests/shapes/test_builtin.py checks the shipped model's qu
 from __future__ import annotations
 
 import json
+import shutil
 
 import yaml
 
 from omnigen2 import OmniGen2ChatPipeline
-from omnigen2.shapes import recipe
+from omnigen2.loading import load_reflection_adapter
+from omnigen2.shapes import recipe, reflection
 
 
-def test_smoke_recipe_end_to_end(tmp_path):
+def test_smoke_recipe_end_to_end(tmp_path, monkeypatch):
     final = recipe.run(tmp_path, "smoke", curve=2)
     assert final == tmp_path / "final_reflect"
     for stage in (
@@ -33,6 +35,8 @@ def test_smoke_recipe_end_to_end(tmp_path):
         "transformer_chat2/metrics.jsonl",
         "final_chat/model_index.json",
         "final_reflect_round3/model_index.json",  # answer_steps: the adapter once more after the two rounds
+        "reflection_round3/records.jsonl",  # redraw_steps: a third round of drawings after the answer cycles
+        "final_reflect_round4/model_index.json",
     ):
         assert (tmp_path / stage).is_file(), stage
     assert json.loads((tmp_path / "vae" / "reconstruction.json").read_text())["judge_pass_rate"] >= 0.0
@@ -64,3 +68,17 @@ def test_smoke_recipe_end_to_end(tmp_path):
     assert out.images[0].size == (64, 64)
     # Rerunning finds every stage done and returns the same model.
     assert recipe.run(tmp_path, "smoke") == final
+
+    # An interrupted adapter stage continues after its last saved cycle: only the last cycle trains again, from the
+    # adapter the one before it saved; a final pipeline that carries an adapter already still trains a clean MLLM.
+    shutil.rmtree(final)
+    shutil.rmtree(tmp_path / "final_reflect_round4")
+    starts, train = [], reflection.train_reflection_adapter
+    monkeypatch.setattr(
+        reflection, "train_reflection_adapter", lambda *a, **k: starts.append(k["adapter"]) or train(*a, **k)
+    )
+    assert recipe.stage_reflection(tmp_path, tmp_path / "final_reflect_round1", recipe.BUDGETS["smoke"]) == final
+    before = load_reflection_adapter(tmp_path / "final_reflect_round3")["state_dict"]
+    assert len(starts) == 1 and starts[0]["state_dict"].keys() == before.keys()
+    assert all(starts[0]["state_dict"][k].equal(before[k]) for k in before)
+    assert (final / "mllm_reflection" / "adapter_model.safetensors").is_file()
