@@ -55,8 +55,8 @@ class Budget:
     # Further cycles of the answering adapter after the reflection rounds, on the last round's pools (no new images):
     # understanding was still rising at the end of round 2.
     answer_steps: tuple[int, ...] = ()
-    # Reflection rounds after the answer cycles (one entry each: its steps): new drawings of the final model labelled
-    # by the judge, as in round 1; the adapter continues on this round's drawings alone (with the fixed pools), so
+    # Reflection rounds after the answer cycles (one entry each: its steps): new drawings of the final model in chat
+    # turns, labelled by the judge; the adapter continues on this round's drawings alone (with the fixed pools), so
     # that it learns the mistakes the model makes now, as a reflection first judges them (its verdicts on its own
     # drawings fell from 0.860 to 0.810 when the transformer changed under an adapter trained on older drawings).
     redraw_steps: tuple[int, ...] = ()
@@ -505,11 +505,12 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
     train the MLLM's answering adapter (stored as ``mllm_reflection/``) on them with the understanding questions;
     round 2 labels the images of the round-1 model after one reflection round (judged and repaired by itself),
     and continues training the adapter; each ``answer_steps`` entry continues it once more on the same pools, and
-    each ``redraw_steps`` entry is one more round as round 1, on its own drawings. Every cycle is saved as
-    OUT/final_reflect_round{i}, and a run continues after the last saved one. Writes OUT/final_reflect."""
+    each ``redraw_steps`` entry is one more round on the drawings of chat turns (what a reflection judges). Every
+    cycle is saved as OUT/final_reflect_round{i}, and a run continues after the last saved one. Writes
+    OUT/final_reflect."""
     import random
 
-    from ..eval.shapesbench import pipeline_generate
+    from ..eval.shapesbench import chat_generate, pipeline_generate
     from ..loading import load_reflection_adapter
     from ..pipelines import OmniGen2ChatPipeline, OmniGen2Pipeline
     from .pretrain import UnderstandingBatcher
@@ -540,11 +541,15 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
             if not (data / "records.jsonl").is_file():
                 chat = OmniGen2ChatPipeline.from_pretrained(source)
                 chat.set_progress_bar_config(disable=True)
-                draw = pipeline_generate(chat.pipe)
+                # A late round labels the chat's own drawing, the one a reflection judges: a chat turn conditions
+                # it on the conversation, and draws edits and in-context cases differently from the pipeline.
+                draw = chat_generate(chat, force_draw=True) if r > rounds else pipeline_generate(chat.pipe)
 
                 def generate(prompt, inputs, g, draw=draw, chat=chat, r=r):
                     image = draw(prompt, inputs, g)
-                    if r == 1 or r > rounds:  # the first round and the late ones label the drawing itself
+                    if r > rounds:
+                        return image.value  # the drawing (force_draw: the answer is always <|img|>)
+                    if r == 1:
                         return image
                     rounds_ = chat.reflect(image, prompt, 1, generator=g, height=64, width=64)
                     return rounds_[0].image or image  # the repaired image when the model found a problem
