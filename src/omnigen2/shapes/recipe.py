@@ -531,8 +531,13 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
     if last:
         source = out / f"final_reflect_round{last}"
         adapter = load_reflection_adapter(source)
+    # Loaded once: each cycle trains a copy of this MLLM and saves it with that cycle's adapter.
+    pipe = OmniGen2Pipeline.from_pretrained(final)
+    pipe.reflection_adapter = None  # a clean MLLM: no adapter layers (not even those of a final that has one)
+    plain = OmniGen2ChatPipeline(pipe)  # only for its tokenizer and image processor (the same in every round)
+    batcher = UnderstandingBatcher(plain.tokenizer, plain.vision_processor)
     for i, (r, steps) in enumerate(cycles, start=1):
-        saved = out / f"final_reflect_round{i}"
+        late_round = r is not None and r > rounds
         if i <= last:
             done += [out / f"reflection_round{r}"] if r is not None else []
             continue
@@ -543,11 +548,11 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
                 chat.set_progress_bar_config(disable=True)
                 # A late round labels the chat's own drawing, the one a reflection judges: a chat turn conditions
                 # it on the conversation, and draws edits and in-context cases differently from the pipeline.
-                draw = chat_generate(chat, force_draw=True) if r > rounds else pipeline_generate(chat.pipe)
+                draw = chat_generate(chat, force_draw=True) if late_round else pipeline_generate(chat.pipe)
 
-                def generate(prompt, inputs, g, draw=draw, chat=chat, r=r):
+                def generate(prompt, inputs, g, draw=draw, chat=chat, r=r, late_round=late_round):
                     image = draw(prompt, inputs, g)
-                    if r > rounds:
+                    if late_round:
                         return image.value  # the drawing (force_draw: the answer is always <|img|>)
                     if r == 1:
                         return image
@@ -559,17 +564,13 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
                 )
                 logger.info("reflection round %d data: %s; fixes %s", r, summary.kinds, summary.fixes)
             done.append(data)
-        pools = _answer_examples(out, done[-1:] if r is not None and r > rounds else done)
+        pools = _answer_examples(out, done[-1:] if late_round else done)
         rng = random.Random(i)
         n_examples = max(20000, 32 * steps)  # about one visit each
         examples = [rng.choice(rng.choices([p for p, _ in pools], [w for _, w in pools])[0]) for _ in range(n_examples)]
-        pipe = OmniGen2Pipeline.from_pretrained(final)  # a copy of its MLLM is trained
-        pipe.reflection_adapter = None  # a clean MLLM: no adapter layers (not even those of a final that has one)
-        plain = OmniGen2ChatPipeline(pipe)  # only for its tokenizer and image processor (the same in every round)
-        batcher = UnderstandingBatcher(plain.tokenizer, plain.vision_processor)
         adapter, _ = train_reflection_adapter(pipe.mllm, batcher, examples, steps, adapter=adapter)
         pipe.reflection_adapter = adapter
-        source = saved
+        source = out / f"final_reflect_round{i}"
         pipe.save_pretrained(source)
     import shutil
 
