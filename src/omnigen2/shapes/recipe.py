@@ -1,7 +1,7 @@
 """The recipe of the bundled Shapes model, the paper's way, with the project's own code.
 
     python -m omnigen2.shapes.recipe --budget cpu --out runs/shapes        # ~2 h 20 min on 2 CPU cores
-    python -m omnigen2.shapes.recipe --budget cpu-long --out runs/shapes   # the shipped model: ~13 h 20 min, resumable
+    python -m omnigen2.shapes.recipe --budget cpu-long --out runs/shapes   # the shipped model: ~14 h 10 min, resumable
     python -m omnigen2.shapes.recipe --budget gpu --out runs/shapes        # a lent GPU
     python -m omnigen2.shapes.recipe --budget smoke --out /tmp/shapes      # minutes: checks the plumbing
 
@@ -105,7 +105,8 @@ BUDGETS = {
 # The shipped model: the CPU recipe, then phases 3 to 8 of the transformer on 60k fresh cases (9000 + 7000 + 7000 +
 # 6000 + 5500 + 5500 steps), the grown vision tower, the chat phase (3000 steps; a second cycle lowered the pipeline's
 # scores and not the chat's: docs/BENCHMARKS.md) and an answering adapter trained on 36k understanding cases
-# besides reflection, with two further cycles and a late round on the final model's drawings (~13 h 20 min on 2 cores).
+# besides reflection, with two further cycles and two late rounds on the final model's drawings (~14 h 10 min on 2
+# cores).
 BUDGETS["cpu-long"] = replace(
     BUDGETS["cpu"],
     extra_per_task=15000,
@@ -114,7 +115,7 @@ BUDGETS["cpu-long"] = replace(
     vision_steps=2500,
     reflection_steps=2000,
     answer_steps=(3000, 3000),
-    redraw_steps=(2000,),
+    redraw_steps=(2000, 2000),
 )
 EXTRA_SEED_OFFSET = 10**6  # phase 3's training seeds (the first data stage uses those from 0)
 SHIFT_FACTOR = 3.0  # the fixed time shift of training and sampling (see stage_transformer)
