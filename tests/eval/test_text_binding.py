@@ -4,8 +4,9 @@ and cannot carry, whatever it learned. The bundled model's figures are in docs/B
 from __future__ import annotations
 
 import pytest
+import torch
 
-from omnigen2.eval.text_binding import READS, binding_probe
+from omnigen2.eval.text_binding import READS, SEPARATION_TOKENS, binding_probe, colour_separation
 
 
 def test_probe_reads_what_the_tokens_hold_and_not_the_future(tiny_pipe):
@@ -21,3 +22,14 @@ def test_probe_reads_what_the_tokens_hold_and_not_the_future(tiny_pipe):
 def test_needs_enough_prompts(tiny_pipe):
     with pytest.raises(ValueError, match="at least 50"):
         binding_probe(tiny_pipe, n=10)
+
+
+def test_colour_separation(tiny_pipe):
+    out = colour_separation(tiny_pipe)
+    assert set(out) == set(SEPARATION_TOKENS)
+    # The word before the colour has not seen it: a causal model gives the six prompts the same state there.
+    assert out["before"]["mean"] <= 1e-6
+    # The colour word's own state differs by its embedding; the matrix is a symmetric distance matrix.
+    assert out["colour"]["min"] > 1e-3
+    m = torch.tensor(out["colour"]["matrix"])
+    assert torch.allclose(m, m.T) and m.diagonal().abs().max() == 0

@@ -73,6 +73,11 @@ class Budget:
     # when empty): the phase-3 mix with half the texts in the chat form, whose edit and in-context samples show
     # their images to the final MLLM (data.chat_images), as a chat turn conditions its drawing.
     chat_steps: tuple[int, ...] = ()
+    # Train every transformer phase with train.precondition_text (the caption projection through a whitening of
+    # its inputs): the miniature MLLM's states of different colours differ by a few percent, and from scratch the
+    # preconditioned run follows the prompt several times more after phase 1 (docs/BENCHMARKS.md, "The colours the
+    # conditioning hides").
+    precondition_text: bool = False
 
 
 BUDGETS = {
@@ -97,10 +102,10 @@ BUDGETS = {
     ),
     # Measured on 2 cores (docs/BENCHMARKS.md): VAE 41 min, MLLM 36 min, transformer ~0.35 s/step in phase 1 and
     # ~0.5 s/step in phase 2 at batch 16 (2.8M parameters): ~2 h 20 min in all, and far from converged.
-    "cpu": Budget(10000, 6000, 2000, 16, 4000, 32, 4500, 16, t2i_steps=2500),
+    "cpu": Budget(10000, 6000, 2000, 16, 4000, 32, 4500, 16, t2i_steps=2500, precondition_text=True),
     # One lent-GPU call (scripts/shapes_gpu.sh carries the CPU-trained tokenizer, VAE and MLLM, so only the data
     # and the transformer run there); the steps are a guess until timed on the device.
-    "gpu": Budget(30000, 30000, 6000, 64, 6000, 64, 8000, 64, 1e-3, t2i_steps=3000),
+    "gpu": Budget(30000, 30000, 6000, 64, 6000, 64, 8000, 64, 1e-3, t2i_steps=3000, precondition_text=True),
 }
 # The shipped model: the CPU recipe, then phases 3 to 8 of the transformer on 60k fresh cases (9000 + 7000 + 7000 +
 # 6000 + 5500 + 5500 steps), the grown vision tower, the chat phase (3000 steps; a second cycle lowered the pipeline's
@@ -116,6 +121,7 @@ BUDGETS["cpu-long"] = replace(
     reflection_steps=2000,
     answer_steps=(3000, 3000),
     redraw_steps=(2000, 2000),
+    precondition_text=False,  # the shipped transformer was trained before the option existed
 )
 EXTRA_SEED_OFFSET = 10**6  # phase 3's training seeds (the first data stage uses those from 0)
 SHIFT_FACTOR = 3.0  # the fixed time shift of training and sampling (see stage_transformer)
@@ -376,6 +382,7 @@ def _transformer_config(pretrained: Path, mix: Path, run: Path, b: Budget, steps
             "schedule": schedule,
             "min_lr_ratio": 0.05,
             "ema_decay": 0.999 if steps > 1000 else 0.9,
+            "precondition_text": b.precondition_text,
         },
         "output": {
             "dir": str(run),

@@ -43,6 +43,9 @@ class OptimConfig:
     mixed_precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "no", "bf16", "fp16"
     seed: int = 0
     train_token_embeddings: list[str] = field(default_factory=list)  # e.g. ["<|img|>"]: MLLM rows to train
+    # Train the caption projection through a whitening of its inputs (training/precondition.py): the same
+    # function, better-conditioned steps for text directions that the MLLM states barely move along.
+    precondition_text: bool = False
 
 
 @dataclass

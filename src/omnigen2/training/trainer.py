@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..loading import parse_dtype
 from ..models import OmniGen2Transformer2DModel
 from ..pipelines import OmniGen2Pipeline
+from . import precondition
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
 from .data import ImageSpec, MixtureDataset
@@ -31,6 +32,8 @@ from .lora import config_kwargs, lora_state_dict, peft_config
 from .objective import detail_weights, flow_loss, noisy_inputs
 
 logger = logging.getLogger(__name__)
+
+PRECONDITION_TEXTS = 512  # samples whose texts estimate the caption preconditioner
 
 
 def sample_seed(seed: int, step: int, position: int) -> int:
@@ -126,6 +129,9 @@ class Trainer:
                 "train.train_token_embeddings too"
             )
         self.transformer.train()
+        self.data = MixtureDataset(cfg.data, pipe.tokenizer, seed=t.seed)
+        self.out = Path(cfg.output.dir)
+        self.preconditioner = self._precondition() if t.precondition_text else None
 
         # 2. Trained parameters, optimizer, schedule, EMA
         self.named = {k: p for k, p in self.transformer.named_parameters() if p.requires_grad}
@@ -140,12 +146,29 @@ class Trainer:
         self.model, self.optimizer = self.acc.prepare(self.transformer, self.optimizer)
         self.ema = EMA(self.named, t.ema_decay) if t.ema_decay > 0 else None
 
-        # 3. Data
-        self.data = MixtureDataset(cfg.data, pipe.tokenizer, seed=t.seed)
         self.latent_cache: dict = {}
         self.step = 0
-        self.out = Path(cfg.output.dir)
         self.history: list[dict] = []
+
+    # -- optional: the whitened parameterisation of the caption projection (train.precondition_text) -------
+
+    def _precondition(self) -> torch.Tensor:
+        """Attach the caption projection's preconditioner (training/precondition.py): the run's own when it is
+        resumed (the statistics of the first model, not of the resumed one), else estimated on the texts of the
+        first ``PRECONDITION_TEXTS`` samples of the data (the same positions on every process)."""
+        if self.cfg.train.mode != "full":
+            raise ValueError("train.precondition_text needs train.mode 'full' (it reparameterises a full weight)")
+        A = precondition.load(self.out)
+        if A is None:
+            b, feats = self.cfg.train.batch_size, []
+            for start in range(0, PRECONDITION_TEXTS, b):
+                batch = self.data.batch(start // b, range(start, start + b), load=False)
+                with torch.no_grad():
+                    text, mask = self._text(batch)
+                feats.append(precondition.caption_inputs(self.transformer, text, mask).cpu())
+            A = precondition.inverse_sqrt_moment(torch.cat(feats))
+        precondition.attach(self.transformer, A)
+        return A
 
     # -- optional: train embedding rows of new tokens (e.g. <|img|>) in the frozen MLLM -------------------
 
@@ -332,6 +355,8 @@ class Trainer:
             sd = {k[len("transformer.") :]: v for k, v in lora_state_dict(self.transformer).items()}
         else:
             sd = {k: v.detach().float().cpu() for k, v in self.transformer.state_dict().items()}
+            if self.preconditioner is not None:
+                sd = precondition.released(sd, self.preconditioner.cpu())
         if self.token_rows is not None:
             sd["mllm.token_rows"] = self.token_param.detach().float().cpu()
         return sd
@@ -357,6 +382,8 @@ class Trainer:
                 else None,
             }
             ema = {k: v.cpu() for k, v in self.ema.shadow.items()} if self.ema is not None else None
+            if ema is not None and self.preconditioner is not None:
+                ema = precondition.released(ema, self.preconditioner.cpu())
             path = save_checkpoint(
                 self.out, self.step, self.trainable_state(), ema, optim, state, self.cfg.output.keep_last
             )
@@ -376,6 +403,10 @@ class Trainer:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(self.transformer, sd, adapter_name="default")
+        elif self.preconditioner is not None:
+            state = self.transformer.state_dict()
+            state.update(precondition.parametrized(sd, self.preconditioner.cpu()))
+            self.transformer.load_state_dict(state)
         else:
             self.transformer.load_state_dict(sd)
         if rows is not None and self.token_rows is not None:
@@ -387,7 +418,10 @@ class Trainer:
         if "rng_cuda" in ck["optim"] and torch.cuda.is_available():
             torch.cuda.set_rng_state(ck["optim"]["rng_cuda"])
         if self.ema is not None and "ema" in ck:
-            for k, v in ck["ema"].items():
+            shadow = ck["ema"]
+            if self.preconditioner is not None:
+                shadow = precondition.parametrized(shadow, self.preconditioner)
+            for k, v in shadow.items():
                 self.ema.shadow[k].copy_(v)
         self.step = ck["state"]["step"]
         if self.acc.is_main_process:
@@ -402,6 +436,8 @@ class Trainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            if self.preconditioner is not None:
+                precondition.save(self.out, self.preconditioner)
             logger.info("%s", self.data.report())
             logger.info(
                 "accelerate: %s, %d process(es), mixed precision %s",
