@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from omnigen2 import OmniGen2Pipeline
-from omnigen2.training import Trainer, config_from_dict, export
+from omnigen2.training import Trainer, config_from_dict, export, precondition
 from omnigen2.training.data import ImageSpec
 
 from .conftest import COLORS
@@ -203,10 +203,12 @@ def test_detail_weight_changes_the_loss(base_config, tmp_path):
     assert s4.item() / p4.item() == pytest.approx(s0.item() / p0.item(), rel=1e-5)
 
 
-def test_two_processes_match_one(base_config, tmp_path):
+@pytest.mark.parametrize("precondition_text", [False, True])
+def test_two_processes_match_one(base_config, tmp_path, precondition_text):
     import yaml
 
-    raw = base_config(train={"steps": 3, "batch_size": 1, "lr": 2e-3}, output={"dir": str(tmp_path / "two")})
+    train = {"steps": 3, "batch_size": 1, "lr": 2e-3, "precondition_text": precondition_text}
+    raw = base_config(train=train, output={"dir": str(tmp_path / "two")})
     (tmp_path / "cfg.yml").write_text(yaml.safe_dump(raw))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
@@ -242,8 +244,15 @@ def test_two_processes_match_one(base_config, tmp_path):
         for d in ("one", "two")
     ]
     assert norms[0] == pytest.approx(norms[1], rel=1e-4)
-    for k, v in single.transformer.state_dict().items():  # all-reduce order: ~3e-5 after 3 Adam steps of 2e-3
+    state = single.transformer.state_dict()
+    if precondition_text:  # the trained parameter is V (weight = V @ A); checkpoints hold the weight
+        state = precondition.released(state, single.preconditioner)
+    assert set(state) == set(saved)
+    for k, v in state.items():  # all-reduce order: ~3e-5 after 3 Adam steps of 2e-3
         assert torch.allclose(v, saved[k], atol=1e-4), k
+    if precondition_text:  # every process trained with the preconditioner estimated from the same texts
+        A = load_file(str(tmp_path / "two" / "preconditioner.safetensors"))["A"]
+        assert torch.allclose(A, single.preconditioner, rtol=1e-5, atol=1e-6)
 
 
 def test_lora_save_load_merge(base_config, tmp_path):

@@ -162,11 +162,19 @@ class Trainer:
         if A is None:
             b, feats = self.cfg.train.batch_size, []
             for start in range(0, PRECONDITION_TEXTS, b):
-                batch = self.data.batch(start // b, range(start, start + b), load=False)
+                # Step 0's samples at positions 0..N-1: the same texts whatever the batch size and process count
+                positions = range(start, min(start + b, PRECONDITION_TEXTS))
+                batch = self.data.batch(0, positions, load=False)
                 with torch.no_grad():
                     text, mask = self._text(batch)
                 feats.append(precondition.caption_inputs(self.transformer, text, mask).cpu())
             A = precondition.inverse_sqrt_moment(torch.cat(feats))
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            # The main process's A on every process: each estimates the same one, but a replica that differed in
+            # the last bits (non-deterministic kernels) would train a different function under DDP's averaging.
+            A = broadcast(A.to(self.acc.device).contiguous(), from_process=0).cpu()
         precondition.attach(self.transformer, A)
         return A
 
