@@ -61,6 +61,15 @@ def test_scores_are_category_means_and_the_table_lists_everything():
     assert report.task_score("t2i") == pytest.approx((0.5 + 1 + 0) / 3)  # not the pooled 2 / 4
     table = report.table()
     assert "single" in table and "counting" in table and "overall" in table
+    assert "failures" not in table  # no case says what it got wrong
+
+
+def test_failures_count_what_the_failed_cases_got_wrong():
+    r = lambda ok, wrong: CaseResult("t2i", "single", 0, "p", ok, "", {"wrong": wrong})  # noqa: E731
+    report = Report([r(True, []), r(False, ["color", "dot"]), r(False, ["dot"]), r(False, ["unreadable"])])
+    assert report.failures("t2i") == {"failed": 3, "unreadable": 1, "color": 1, "dot": 2}
+    assert report.summary()["tasks"]["t2i"]["failures"] == report.failures("t2i")
+    assert "t2i failures (3 cases) got wrong: unreadable 1, color 1, dot 2" in report.table()
 
 
 def test_understanding_and_reflection_scoring(tmp_path):

@@ -82,21 +82,35 @@ def test_wrong_color_count_position_dot_and_background_fail():
     case = make_case("t2i", "attribute binding", 5)
     right = case.canonical()
     a = next(o for o in right.objects if o.dot)
-    assert "missing" in _fails(case, right.without(a).with_object(a.replace(dot=None))).reason  # missing dot
+    # Each failure also says what it got wrong (details["wrong"], FAILURE_KINDS), a right image nothing.
+    assert judge.check(case, render(right)).details["wrong"] == []
+    v = _fails(case, right.without(a).with_object(a.replace(dot=None)))  # missing dot
+    assert "missing" in v.reason and v.details["wrong"] == ["dot"]
     other = next(c for c in judge.PALETTE_NAMES if c not in (a.color, a.dot))
-    _fails(case, right.without(a).with_object(a.replace(color=other)))  # wrong color
-    assert "background" in _fails(case, Scene(right.objects, "mint")).reason
+    assert _fails(case, right.without(a).with_object(a.replace(color=other))).details["wrong"] == ["color"]
+    v = _fails(case, Scene(right.objects, "mint"))
+    assert "background" in v.reason and v.details["wrong"] == ["background"]
+    both = Scene(right.without(a).with_object(a.replace(color=other, dot=None)).objects, "mint")
+    assert _fails(case, both).details["wrong"] == ["background", "color", "dot"]
 
     count = make_case("t2i", "counting", 2)
     many = count.canonical()
-    _fails(count, many.without(many.objects[0]))  # one too few
+    assert _fails(count, many.without(many.objects[0])).details["wrong"] == ["count"]  # one too few
     extra = many.with_object(many.objects[0].replace(cell=many.free_cells()[0]))
-    _fails(count, extra)  # one too many
+    assert _fails(count, extra).details["wrong"] == ["count"]  # one too many
+    recolored = extra.without(extra.objects[0]).with_object(extra.objects[0].replace(color=other))
+    assert _fails(count, recolored).details["wrong"] == ["count"]  # the extra one is the odd one out
+    few = many.without(many.objects[0])  # "four yellow triangles": one too few, one of the rest a red cross
+    few = few.without(few.objects[0]).with_object(few.objects[0].replace(shape="cross", color="red"))
+    assert _fails(count, few).details["wrong"] == ["count", "color", "shape"]
 
     pos = make_case("t2i", "position", 1)
     good = pos.canonical()
     a, b = good.objects
-    assert "is not" in _fails(pos, Scene((a.replace(cell=b.cell), b.replace(cell=a.cell)))).reason  # swapped
+    v = _fails(pos, Scene((a.replace(cell=b.cell), b.replace(cell=a.cell))))  # swapped
+    assert "is not" in v.reason and v.details["wrong"] == ["relation"]
+    noise = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    assert _fails(make_case("t2i", "single", 0), noise).details["wrong"] == ["unreadable"]
 
 
 def test_edits_fail_when_other_objects_move_or_the_change_is_missing():

@@ -27,7 +27,17 @@ import torch
 from tqdm.auto import tqdm
 
 from ..shapes import judge
-from ..shapes.tasks import IMAGE_TASKS, REFLECT_QUESTION, TASKS, TEXT_TASKS, Case, answer, cases, stable_hash
+from ..shapes.tasks import (
+    FAILURE_KINDS,
+    IMAGE_TASKS,
+    REFLECT_QUESTION,
+    TASKS,
+    TEXT_TASKS,
+    Case,
+    answer,
+    cases,
+    stable_hash,
+)
 from ..shapes.world import CANVAS
 
 Answer = Callable[[PIL.Image.Image, str], str]
@@ -102,6 +112,15 @@ class Report:
                 out[key] = {"score": sum(vals) / len(vals), "n": len(vals)}
         return out
 
+    def failures(self, task: str) -> dict[str, int]:
+        """Over the task's failed image cases: how many got each :data:`FAILURE_KINDS` wrong (a case can count
+        under several), and ``failed``, their number. Empty for text tasks."""
+        rs = [r for r in self.results if r.task == task and not r.passed and "wrong" in r.details]
+        if not rs:
+            return {}
+        counts = {kind: sum(kind in r.details["wrong"] for r in rs) for kind in FAILURE_KINDS}
+        return {"failed": len(rs), **{k: v for k, v in counts.items() if v}}
+
     def reflection(self, task: str) -> dict | None:
         """Over the images the MLLM judged (``--reflect N``, N > 0; None without): the mean reflection rounds, how
         often the final image differs from the first drawing, and the judge's pass rate of the first drawing
@@ -144,6 +163,8 @@ class Report:
                 tasks[t]["reflection"] = refl
             if (agree := self.self_verdict_agreement(t)) is not None:
                 tasks[t]["self_verdict_agreement"] = agree
+            if failures := self.failures(t):
+                tasks[t]["failures"] = failures
         return {"overall": self.overall, "tasks": tasks}
 
     def table(self) -> str:
@@ -163,6 +184,10 @@ class Report:
                 lines.append(row(t, "(self verdict agreement)", agree["score"], agree["n"]))
             lines.append(row(t, "= mean", s["score"], s["n"]))
         lines.append(f"{'overall':<38}{self.overall:>7.3f}{len(self.results):>7d}")
+        for t, s in self.summary()["tasks"].items():
+            if failures := s.get("failures"):
+                kinds = ", ".join(f"{k} {v}" for k, v in failures.items() if k != "failed")
+                lines.append(f"{t} failures ({failures['failed']} cases) got wrong: {kinds}")
         return "\n".join(lines)
 
     def save(self, out_dir: str | Path, samples: list[tuple[list[PIL.Image.Image], object]] | None = None) -> Path:

@@ -316,9 +316,9 @@ def check(case: Case, output, input_images=None) -> Verdict:
             details |= {"subject_consistency": False, "arrangement": False}
         if case.task == "edit":
             details |= {"change_made": False, "rest_kept": False}
-        return Verdict(False, f"unreadable: {scene.reason}", details)
+        return Verdict(False, f"unreadable: {scene.reason}", details | {"wrong": ["unreadable"]})
     passed, reason = case.target.check(scene)
-    details = {"read": scene.caption()}
+    details = {"read": scene.caption(), "wrong": case.target.wrong(scene)}
     if case.task == "edit":
         details |= edit_parts(case.inputs[0], case.target.scene(), scene)
     if case.task == "ic":

@@ -100,6 +100,16 @@ class Pattern:
         return phrase(self.color, self.shape, self.dot) + (f" at the {self.cell}" if self.cell else "")
 
 
+# What a failed image case got wrong (Target.wrong; "unreadable": the judge could not read the image).
+FAILURE_KINDS = ("unreadable", "background", "count", "color", "shape", "dot", "cell", "relation")
+
+
+def _differences(p: Pattern, o: Object) -> list[str]:
+    """The attributes in which object ``o`` differs from pattern ``p``."""
+    checks = (("color", p.color == o.color), ("shape", p.shape == o.shape), ("dot", p.dot == o.dot))
+    return [name for name, same in checks if not same] + ([] if p.cell in (None, o.cell) else ["cell"])
+
+
 @dataclass(frozen=True)
 class Relation:
     a: int  # index into Target.patterns
@@ -149,6 +159,29 @@ class Target:
             a, b = self.patterns[r.a], self.patterns[r.b]
             problems.append(f"the {a.color} {a.shape} is not {r.relation} the {b.color} {b.shape}")
         return (not problems), ("; ".join(problems) or "ok")
+
+    def wrong(self, scene: Scene) -> list[str]:
+        """What a scene that fails :meth:`check` gets wrong, as :data:`FAILURE_KINDS` (empty when it passes): the
+        background, the number of objects, and the attributes that differ between the patterns and the objects
+        paired with them (the pairing that gets the most attributes right; with a wrong number of objects, of as
+        many as both have); ``relation`` when every object is right and the arrangement is not."""
+        if self.check(scene)[0]:
+            return []
+        kinds = {"background"} if scene.background != self.background else set()
+        objects, patterns = scene.objects, self.patterns
+        if len(objects) != len(patterns):
+            kinds.add("count")
+        k = min(len(objects), len(patterns))
+        pairings = (  # (pattern, object) pairs of k of each
+            [list(zip(patterns, perm)) for perm in itertools.permutations(objects, k)]
+            if len(objects) >= len(patterns)
+            else [list(zip(perm, objects)) for perm in itertools.permutations(patterns, k)]
+        )
+        best = min(pairings, key=lambda pairs: sum(len(_differences(p, o)) for p, o in pairs))
+        kinds |= {d for p, o in best for d in _differences(p, o)}
+        if not kinds:  # the right objects: the relations are what fails
+            kinds.add("relation")
+        return [kind for kind in FAILURE_KINDS if kind in kinds]
 
     def _diff(self, objects: tuple[Object, ...]) -> str:
         left, missing = list(objects), []
