@@ -170,7 +170,8 @@ class Report:
     def table(self) -> str:
         lines = [f"{'task':<14}{'category':<24}{'score':>7}{'cases':>7}"]
         row = lambda t, name, score, n: f"{t:<14}{name:<24}{score:>7.3f}{n:>7d}"  # noqa: E731
-        for t, s in self.summary()["tasks"].items():
+        tasks = self.summary()["tasks"]
+        for t, s in tasks.items():
             for c, v in s["categories"].items():
                 lines.append(row(t, c, v["score"], v["n"]))
             for key, v in s["partial"].items():
@@ -184,7 +185,7 @@ class Report:
                 lines.append(row(t, "(self verdict agreement)", agree["score"], agree["n"]))
             lines.append(row(t, "= mean", s["score"], s["n"]))
         lines.append(f"{'overall':<38}{self.overall:>7.3f}{len(self.results):>7d}")
-        for t, s in self.summary()["tasks"].items():
+        for t, s in tasks.items():
             if failures := s.get("failures"):
                 kinds = ", ".join(f"{k} {v}" for k, v in failures.items() if k != "failed")
                 lines.append(f"{t} failures ({failures['failed']} cases) got wrong: {kinds}")
