@@ -298,6 +298,13 @@ def _add_eval(sub) -> None:
     s.add_argument("--out", default="shapesbench", help="folder for report.json and samples.png")
     s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     s.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    s.add_argument("--text-guidance", type=float, default=None, help="text guidance scale (default: the model's)")
+    s.add_argument("--image-guidance", type=float, default=None, help="image guidance scale (default: the model's)")
+    s.add_argument(
+        "--categories",
+        default=None,
+        help="comma-separated: score only these categories of the n cases per task (e.g. place,background)",
+    )
     s.add_argument(
         "--reflect",
         type=int,
@@ -337,6 +344,9 @@ def cmd_eval(args) -> int:
         reflect=args.reflect,
         force_draw=args.force_draw,
         max_new_tokens=args.max_new_tokens,
+        text_guidance=args.text_guidance,
+        image_guidance=args.image_guidance,
+        categories=[c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None,
     )
     print(report.table())
     print(f"wrote {Path(args.out) / 'report.json'} and {Path(args.out) / 'samples.png'}")

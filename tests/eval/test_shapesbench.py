@@ -200,3 +200,27 @@ def test_cli_eval_shapes_errors(tmp_path, capsys):
     assert "--reflect" in capsys.readouterr().err
     assert main([*args, "--model", "oracle", "--reflect", "1"]) == 2
     assert "oracle" in capsys.readouterr().err
+    assert main([*args, "--model", "/no/such/model", "--tasks", "ic", "--categories", "place,recolor"]) == 2
+    assert "unknown categories ['recolor'] for tasks ic" in capsys.readouterr().err
+    assert main([*args, "--model", "/no/such/model", "--image-guidance", "0.5"]) == 2
+    assert "--image-guidance must be >= 1, got 0.5" in capsys.readouterr().err
+
+
+def test_cli_guidance_and_categories_reach_the_pipeline(tmp_path, capsys, monkeypatch):
+    import omnigen2.eval.shapesbench as sb
+
+    seen = []
+    real = sb.pipeline_generate
+
+    def spy(pipe, **kwargs):
+        seen.append(kwargs)
+        return real(pipe, **kwargs)
+
+    monkeypatch.setattr(sb, "pipeline_generate", spy)
+    args = ["eval", "shapes", "--n", "8", "--tasks", "ic,edit", "--steps", "1", "--out", str(tmp_path)]
+    assert main([*args, "--categories", "place,background", "--text-guidance", "2", "--image-guidance", "1"]) == 0
+    assert seen == [{"steps": 1, "text_guidance_scale": 2.0, "image_guidance_scale": 1.0}]
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert sorted(c["category"] for c in data["cases"]) == ["background", "place", "place"]
+    assert data["config"]["categories"] == ["place", "background"]
+    assert data["config"]["image_guidance_scale"] == 1.0

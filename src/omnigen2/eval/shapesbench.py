@@ -372,6 +372,16 @@ def benchmark_cases(tasks: Sequence[str], n: int) -> list[Case]:
     return [c for t in tasks for c in cases(t, n, split="eval")]
 
 
+def select_categories(case_list: Sequence[Case], tasks: Sequence[str], categories: Sequence[str]) -> list[Case]:
+    """The cases of ``case_list`` in one of ``categories``; a name that is no category of ``tasks`` is an error."""
+    known = {c for t in tasks for c in TASKS[t]}
+    unknown = [c for c in categories if c not in known]
+    if unknown:
+        names = ", ".join(sorted(known))
+        raise ValueError(f"unknown categories {unknown} for tasks {', '.join(tasks)}; they are {names}")
+    return [c for c in case_list if c.category in set(categories)]
+
+
 def _show(shown: dict, case: Case, per_category: int) -> bool:
     """Whether a case goes into the sample grid: the first ``per_category`` of each category."""
     key = (case.task, case.category)
@@ -504,12 +514,25 @@ def evaluate_model(
     reflect: int | None = None,
     force_draw: bool = False,
     max_new_tokens: int | None = None,
+    text_guidance: float | None = None,
+    image_guidance: float | None = None,
+    categories: Sequence[str] | None = None,
 ) -> Report:
     """``omnigen2 eval shapes``: load a pipeline (or ``oracle``: the judge's self-check) and run ShapesBench on
     image and text tasks together. Image tasks draw through the generation pipeline, or with ``reflect=N``
     through the chat pipeline (the MLLM decides to draw, ``force_draw`` makes it, then N reflection rounds);
-    text tasks are answered by the chat's MLLM."""
+    text tasks are answered by the chat's MLLM. ``text_guidance`` / ``image_guidance`` replace the checkpoint's
+    guidance scales for every image case; ``categories`` keeps only the cases of these categories (of the n per
+    task)."""
     case_list = benchmark_cases(tasks, n)  # unknown tasks fail before the model loads
+    if categories:
+        case_list = select_categories(case_list, tasks, categories)
+    guidance = {}
+    for name, value in (("text_guidance_scale", text_guidance), ("image_guidance_scale", image_guidance)):
+        if value is not None:
+            if not value >= 1.0:  # below 1 the guided prediction moves away from the condition
+                raise ValueError(f"--{name.split('_')[0]}-guidance must be >= 1, got {value}")
+            guidance[name] = value
     if reflect is not None and reflect < 0:
         raise ValueError(f"--reflect must be >= 0, got {reflect}")
     if force_draw and reflect is None:
@@ -528,9 +551,9 @@ def evaluate_model(
         pipe.set_progress_bar_config(disable=True)
         chat = OmniGen2ChatPipeline(pipe)  # shares the pipeline's components
         if reflect is None:
-            generate = pipeline_generate(pipe, steps=steps)
+            generate = pipeline_generate(pipe, steps=steps, **guidance)
         else:
-            generate = chat_generate(chat, reflect, steps, force_draw, max_new_tokens)
+            generate = chat_generate(chat, reflect, steps, force_draw, max_new_tokens, **guidance)
         answer_fn = chat_answer(chat, steps, max_new_tokens)
     config = {
         "model": str(model),
@@ -539,5 +562,9 @@ def evaluate_model(
         "reflect": reflect,
         "force_draw": force_draw,
         "max_new_tokens": max_new_tokens,
+        **guidance,
+        "categories": list(categories) if categories else None,
     }
-    return run(generate, n, tasks, out_dir, seed, progress=progress, config=config, answer_fn=answer_fn)
+    return run(
+        generate, n, tasks, out_dir, seed, progress=progress, config=config, answer_fn=answer_fn, case_list=case_list
+    )
