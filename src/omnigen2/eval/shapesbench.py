@@ -374,12 +374,12 @@ def benchmark_cases(tasks: Sequence[str], n: int) -> list[Case]:
 
 def select_categories(case_list: Sequence[Case], tasks: Sequence[str], categories: Sequence[str]) -> list[Case]:
     """The cases of ``case_list`` in one of ``categories``; a name that is no category of ``tasks`` is an error."""
-    known = {c for t in tasks for c in TASKS[t]}
+    known, wanted = {c for t in tasks for c in TASKS[t]}, set(categories)
     unknown = [c for c in categories if c not in known]
     if unknown:
         names = ", ".join(sorted(known))
         raise ValueError(f"unknown categories {unknown} for tasks {', '.join(tasks)}; they are {names}")
-    return [c for c in case_list if c.category in set(categories)]
+    return [c for c in case_list if c.category in wanted]
 
 
 def _show(shown: dict, case: Case, per_category: int) -> bool:
@@ -528,11 +528,14 @@ def evaluate_model(
     if categories:
         case_list = select_categories(case_list, tasks, categories)
     guidance = {}
-    for name, value in (("text_guidance_scale", text_guidance), ("image_guidance_scale", image_guidance)):
+    for flag, key, value in (
+        ("--text-guidance", "text_guidance_scale", text_guidance),
+        ("--image-guidance", "image_guidance_scale", image_guidance),
+    ):
         if value is not None:
             if not value >= 1.0:  # below 1 the guided prediction moves away from the condition
-                raise ValueError(f"--{name.split('_')[0]}-guidance must be >= 1, got {value}")
-            guidance[name] = value
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+            guidance[key] = value
     if reflect is not None and reflect < 0:
         raise ValueError(f"--reflect must be >= 0, got {reflect}")
     if force_draw and reflect is None:
