@@ -202,6 +202,8 @@ def test_cli_eval_shapes_errors(tmp_path, capsys):
     assert "oracle" in capsys.readouterr().err
     assert main([*args, "--model", "/no/such/model", "--tasks", "ic", "--categories", "place,recolor"]) == 2
     assert "unknown categories ['recolor'] for tasks ic" in capsys.readouterr().err
+    assert main([*args, "--model", "oracle", "--tasks", "ic", "--categories", "row"]) == 2  # n=1: one place case
+    assert "no cases of categories ['row']" in capsys.readouterr().err
     assert main([*args, "--model", "/no/such/model", "--image-guidance", "0.5"]) == 2
     assert "--image-guidance must be >= 1, got 0.5" in capsys.readouterr().err
 

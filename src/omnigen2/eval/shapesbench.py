@@ -379,7 +379,10 @@ def select_categories(case_list: Sequence[Case], tasks: Sequence[str], categorie
     if unknown:
         names = ", ".join(sorted(known))
         raise ValueError(f"unknown categories {unknown} for tasks {', '.join(tasks)}; they are {names}")
-    return [c for c in case_list if c.category in wanted]
+    kept = [c for c in case_list if c.category in wanted]
+    if not kept:  # n spreads over all of a task's categories, so a small n can leave these without a case
+        raise ValueError(f"no cases of categories {list(categories)} among the first cases of each task; raise --n")
+    return kept
 
 
 def _show(shown: dict, case: Case, per_category: int) -> bool:
