@@ -37,6 +37,9 @@ def test_smoke_recipe_end_to_end(tmp_path, monkeypatch):
         "final_reflect_round3/model_index.json",  # answer_steps: the adapter once more after the two rounds
         "reflection_round3/records.jsonl",  # redraw_steps: a third round of drawings after the answer cycles
         "final_reflect_round4/model_index.json",
+        "final_reflect_round5/model_index.json",  # understanding_steps: a cycle on understanding questions alone
+        "reflection_round4/records.jsonl",  # settle_steps: a last round of drawings, understanding weighted up
+        "final_reflect_round6/model_index.json",
     ):
         assert (tmp_path / stage).is_file(), stage
     assert json.loads((tmp_path / "vae" / "reconstruction.json").read_text())["judge_pass_rate"] >= 0.0
@@ -72,13 +75,13 @@ def test_smoke_recipe_end_to_end(tmp_path, monkeypatch):
     # An interrupted adapter stage continues after its last saved cycle: only the last cycle trains again, from the
     # adapter the one before it saved; a final pipeline that carries an adapter already still trains a clean MLLM.
     shutil.rmtree(final)
-    shutil.rmtree(tmp_path / "final_reflect_round4")
+    shutil.rmtree(tmp_path / "final_reflect_round6")
     starts, train = [], reflection.train_reflection_adapter
     monkeypatch.setattr(
         reflection, "train_reflection_adapter", lambda *a, **k: starts.append(k["adapter"]) or train(*a, **k)
     )
     assert recipe.stage_reflection(tmp_path, tmp_path / "final_reflect_round1", recipe.BUDGETS["smoke"]) == final
-    before = load_reflection_adapter(tmp_path / "final_reflect_round3")["state_dict"]
+    before = load_reflection_adapter(tmp_path / "final_reflect_round5")["state_dict"]
     assert len(starts) == 1 and starts[0]["state_dict"].keys() == before.keys()
     assert all(starts[0]["state_dict"][k].equal(before[k]) for k in before)
     assert (final / "mllm_reflection" / "adapter_model.safetensors").is_file()

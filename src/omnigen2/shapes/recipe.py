@@ -1,7 +1,7 @@
 """The recipe of the bundled Shapes model, the paper's way, with the project's own code.
 
     python -m omnigen2.shapes.recipe --budget cpu --out runs/shapes        # ~2 h 20 min on 2 CPU cores
-    python -m omnigen2.shapes.recipe --budget cpu-long --out runs/shapes   # the shipped model: ~14 h 10 min, resumable
+    python -m omnigen2.shapes.recipe --budget cpu-long --out runs/shapes   # the shipped model: ~16 h, resumable
     python -m omnigen2.shapes.recipe --budget gpu --out runs/shapes        # a lent GPU
     python -m omnigen2.shapes.recipe --budget smoke --out /tmp/shapes      # minutes: checks the plumbing
 
@@ -60,6 +60,13 @@ class Budget:
     # that it learns the mistakes the model makes now, as a reflection first judges them (its verdicts on its own
     # drawings fell from 0.860 to 0.810 when the transformer changed under an adapter trained on older drawings).
     redraw_steps: tuple[int, ...] = ()
+    # Cycles of the answering adapter on the understanding questions alone, after the late rounds (one entry each:
+    # its steps). In the mixed cycles understanding stalled near 0.6, and on understanding alone it kept rising
+    # (0.63 -> 0.79 over 8500 steps); they cost the verdict format, which the settling round restores.
+    understanding_steps: tuple[int, ...] = ()
+    # A last late round after the understanding cycles (its steps; 0: none): new drawings of the final model, with
+    # the understanding questions weighted up (SETTLE_POOLS) so that the adapter keeps what those cycles taught.
+    settle_steps: int = 0
     t2i_steps: int = 0  # phase 1 of the transformer, text-to-image only
     vision_steps: int = 0  # a grown vision tower, language model frozen (0: keep the first tower; see stage_vision)
     vision_depth: int = 4
@@ -94,6 +101,8 @@ BUDGETS = {
         reflection_steps=2,
         answer_steps=(2,),
         redraw_steps=(2,),
+        understanding_steps=(2,),
+        settle_steps=2,
         t2i_steps=2,
         vision_steps=2,
         extra_per_task=8,
@@ -110,8 +119,8 @@ BUDGETS = {
 # The shipped model: the CPU recipe, then phases 3 to 8 of the transformer on 60k fresh cases (9000 + 7000 + 7000 +
 # 6000 + 5500 + 5500 steps), the grown vision tower, the chat phase (3000 steps; a second cycle lowered the pipeline's
 # scores and not the chat's: docs/BENCHMARKS.md) and an answering adapter trained on 36k understanding cases
-# besides reflection, with two further cycles and two late rounds on the final model's drawings (~14 h 10 min on 2
-# cores).
+# besides reflection, with two further cycles, two late rounds on the final model's drawings, three cycles on
+# understanding alone and a settling round (~16 h on 2 cores).
 BUDGETS["cpu-long"] = replace(
     BUDGETS["cpu"],
     extra_per_task=15000,
@@ -121,6 +130,8 @@ BUDGETS["cpu-long"] = replace(
     reflection_steps=2000,
     answer_steps=(3000, 3000),
     redraw_steps=(2000, 2000),
+    understanding_steps=(1500, 3000, 4000),
+    settle_steps=2000,
     precondition_text=False,  # the shipped transformer was trained before the option existed
 )
 EXTRA_SEED_OFFSET = 10**6  # phase 3's training seeds (the first data stage uses those from 0)
@@ -487,10 +498,20 @@ def _handoff(run: Path, pipeline: Path) -> Path:
     return pipeline
 
 
-def _answer_examples(out: Path, rounds: list[Path]) -> list[tuple[list, float]]:
+# The answering adapter's pools, weighted: the model's images the judge passed, those it failed, the synthetic
+# reflection cases, the understanding questions. A settling round weights understanding up; an understanding cycle
+# trains on it alone.
+ANSWER_POOLS = (0.2, 0.2, 0.15, 0.45)
+SETTLE_POOLS = (0.15, 0.15, 0.15, 0.55)
+UNDERSTANDING_POOLS = (0.0, 0.0, 0.0, 1.0)
+
+
+def _answer_examples(
+    out: Path, rounds: list[Path], weights: tuple[float, ...] = ANSWER_POOLS
+) -> list[tuple[list, float]]:
     """The answering adapter's pools and their weights: the model's images the judge passed, those it failed
     (with the judge's problem and fix), the synthetic reflection cases of the training data (rendered mistakes),
-    and the understanding questions (the first data's and phase 3's)."""
+    and the understanding questions (the first data's and phase 3's); pools of weight 0 are left out."""
     from .reflection import read_records
 
     model = [ex for r in rounds for ex in read_records(r / "records.jsonl")]
@@ -503,8 +524,8 @@ def _answer_examples(out: Path, rounds: list[Path]) -> list[tuple[list, float]]:
         if (path / "records.jsonl").is_file()
         for ex in read_records(path / "records.jsonl")
     ]
-    pools = [(match, 0.2), (mismatch, 0.2), (synthetic, 0.15), (understanding, 0.45)]
-    return [(p, w) for p, w in pools if p]
+    pools = zip((match, mismatch, synthetic, understanding), weights, strict=True)
+    return [(p, w) for p, w in pools if p and w > 0]
 
 
 def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path:
@@ -512,10 +533,11 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
     the judge (standing in for the external VLM: a verdict, and for a mismatch its problem and one fixing edit),
     train the MLLM's answering adapter (stored as ``mllm_reflection/``) on them with the understanding questions;
     round 2 labels the images of the round-1 model after one reflection round (judged and repaired by itself),
-    and continues training the adapter; each ``answer_steps`` entry continues it once more on the same pools, and
-    each ``redraw_steps`` entry is one more round on the drawings of chat turns (what a reflection judges). Every
-    cycle is saved as OUT/final_reflect_round{i}, and a run continues after the last saved one. Writes
-    OUT/final_reflect."""
+    and continues training the adapter; each ``answer_steps`` entry continues it once more on the same pools,
+    each ``redraw_steps`` entry is one more round on the drawings of chat turns (what a reflection judges), each
+    ``understanding_steps`` entry a cycle on the understanding questions alone, and ``settle_steps`` a last round
+    of drawings with understanding weighted up. Every cycle is saved as OUT/final_reflect_round{i}, and a run
+    continues after the last saved one. Writes OUT/final_reflect."""
     import random
 
     from ..eval.shapesbench import chat_generate, pipeline_generate
@@ -529,8 +551,13 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
     if (target / "model_index.json").is_file():
         return target
     source, adapter, done = final, None, []
-    late = [(rounds + 1 + k, s) for k, s in enumerate(b.redraw_steps)]
-    cycles = [(r, b.reflection_steps) for r in range(1, rounds + 1)] + [(None, s) for s in b.answer_steps] + late
+    # (reflection round or None, steps, pool weights) per cycle; rounds after the first `rounds` are late rounds.
+    cycles = [(r, b.reflection_steps, ANSWER_POOLS) for r in range(1, rounds + 1)]
+    cycles += [(None, s, ANSWER_POOLS) for s in b.answer_steps]
+    cycles += [(rounds + 1 + k, s, ANSWER_POOLS) for k, s in enumerate(b.redraw_steps)]
+    cycles += [(None, s, UNDERSTANDING_POOLS) for s in b.understanding_steps]
+    if b.settle_steps:
+        cycles.append((rounds + 1 + len(b.redraw_steps), b.settle_steps, SETTLE_POOLS))
     # An interrupted run continues after its last saved cycle, from that cycle's adapter.
     last = max(
         (i for i in range(1, len(cycles) + 1) if (out / f"final_reflect_round{i}/model_index.json").is_file()),
@@ -544,7 +571,7 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
     pipe.reflection_adapter = None  # a clean MLLM: no adapter layers (not even those of a final that has one)
     plain = OmniGen2ChatPipeline(pipe)  # only for its tokenizer and image processor (the same in every round)
     batcher = UnderstandingBatcher(plain.tokenizer, plain.vision_processor)
-    for i, (r, steps) in enumerate(cycles, start=1):
+    for i, (r, steps, weights) in enumerate(cycles, start=1):
         late_round = r is not None and r > rounds
         if i <= last:
             done += [out / f"reflection_round{r}"] if r is not None else []
@@ -572,7 +599,7 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
                 )
                 logger.info("reflection round %d data: %s; fixes %s", r, summary.kinds, summary.fixes)
             done.append(data)
-        pools = _answer_examples(out, done[-1:] if late_round else done)
+        pools = _answer_examples(out, done[-1:] if late_round else done, weights)
         rng = random.Random(i)
         n_examples = max(20000, 32 * steps)  # about one visit each
         examples = [rng.choice(rng.choices([p for p, _ in pools], [w for _, w in pools])[0]) for _ in range(n_examples)]
