@@ -515,14 +515,16 @@ def _answer_examples(
     and the understanding questions (the first data's and phase 3's); pools of weight 0 are left out."""
     from .reflection import read_records
 
-    model = [ex for r in rounds for ex in read_records(r / "records.jsonl")]
+    w_match, w_mismatch, w_synthetic, w_understanding = weights
+    # A pool of weight 0 is not read at all (an understanding cycle would otherwise load every round's images).
+    model = [ex for r in rounds for ex in read_records(r / "records.jsonl")] if w_match or w_mismatch else []
     match = [ex for ex in model if ex[2].startswith("the image matches")]
     mismatch = [ex for ex in model if not ex[2].startswith("the image matches")]
-    synthetic = read_records(out / "data" / "reflection" / "records.jsonl")
+    synthetic = read_records(out / "data" / "reflection" / "records.jsonl") if w_synthetic else []
     understanding = [
         ex
         for path in (out / "data" / "understanding", out / "data" / "more" / "understanding")
-        if (path / "records.jsonl").is_file()
+        if w_understanding and (path / "records.jsonl").is_file()
         for ex in read_records(path / "records.jsonl")
     ]
     pools = zip((match, mismatch, synthetic, understanding), weights, strict=True)
