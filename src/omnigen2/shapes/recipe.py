@@ -68,6 +68,14 @@ class Budget:
     # A last late round after the understanding cycles (its steps; 0: none): new drawings of the final model, with
     # the understanding questions weighted up (SETTLE_POOLS) so that the adapter keeps what those cycles taught.
     settle_steps: int = 0
+    # Cycles after the settling round that teach the answering adapter to read dots: the understanding questions
+    # and captions of dot-rich scenes (DOT_POOLS), with the cell probe (shapes.cell_probe) at the given weight,
+    # one (steps, probe weight) entry each. The vision tower had dropped the dot's colour, so captions never named
+    # a dot (docs/BENCHMARKS.md, "The dot the vision tower drops").
+    dot_steps: tuple[tuple[int, float], ...] = ()
+    # A last round on the settling round's drawings again (0: none), the dot-rich captions among its pools and
+    # the probe kept on (RESETTLE_AUX), which restores the verdicts the dot cycles cost.
+    resettle_steps: int = 0
     t2i_steps: int = 0  # phase 1 of the transformer, text-to-image only
     vision_steps: int = 0  # a grown vision tower, language model frozen (0: keep the first tower; see stage_vision)
     vision_depth: int = 4
@@ -104,6 +112,8 @@ BUDGETS = {
         redraw_steps=(2,),
         understanding_steps=(2,),
         settle_steps=2,
+        dot_steps=((2, 1.0),),
+        resettle_steps=2,
         t2i_steps=2,
         vision_steps=2,
         extra_per_task=8,
@@ -133,6 +143,8 @@ BUDGETS["cpu-long"] = replace(
     redraw_steps=(2000, 2000),
     understanding_steps=(1500, 3000, 4000),
     settle_steps=2000,
+    dot_steps=((1500, 1.0), (2000, 0.5)),
+    resettle_steps=2000,
     precondition_text=False,  # the shipped transformer was trained before the option existed
 )
 EXTRA_SEED_OFFSET = 10**6  # phase 3's training seeds (the first data stage uses those from 0)
@@ -500,11 +512,16 @@ def _handoff(run: Path, pipeline: Path) -> Path:
 
 
 # The answering adapter's pools, weighted: the model's images the judge passed, those it failed, the synthetic
-# reflection cases, the understanding questions. A settling round weights understanding up; an understanding cycle
-# trains on it alone.
-ANSWER_POOLS = (0.2, 0.2, 0.15, 0.45)
-SETTLE_POOLS = (0.15, 0.15, 0.15, 0.55)
-UNDERSTANDING_POOLS = (0.0, 0.0, 0.0, 1.0)
+# reflection cases, the understanding questions, captions of dot-rich scenes. A settling round weights
+# understanding up; an understanding cycle trains on it alone; a dot cycle on it and the dot-rich captions.
+ANSWER_POOLS = (0.2, 0.2, 0.15, 0.45, 0.0)
+SETTLE_POOLS = (0.15, 0.15, 0.15, 0.55, 0.0)
+UNDERSTANDING_POOLS = (0.0, 0.0, 0.0, 1.0, 0.0)
+DOT_POOLS = (0.0, 0.0, 0.0, 0.5, 0.5)
+RESETTLE_POOLS = (0.15, 0.15, 0.15, 0.35, 0.2)
+RESETTLE_AUX = 0.5  # the cell probe's weight in the last round
+DOTTED_CAPTIONS = 8000  # training examples of tasks.dotted_captions, from seed DOTTED_SEED
+DOTTED_SEED = 2 * 10**6
 
 
 def _answer_examples(
@@ -512,10 +529,12 @@ def _answer_examples(
 ) -> list[tuple[list, float]]:
     """The answering adapter's pools and their weights: the model's images the judge passed, those it failed
     (with the judge's problem and fix), the synthetic reflection cases of the training data (rendered mistakes),
-    and the understanding questions (the first data's and phase 3's); pools of weight 0 are left out."""
+    the understanding questions (the first data's and phase 3's) and captions of dot-rich scenes; pools of weight
+    0 are left out."""
     from .reflection import read_records
+    from .tasks import dotted_captions
 
-    w_match, w_mismatch, w_synthetic, w_understanding = weights
+    w_match, w_mismatch, w_synthetic, w_understanding, w_dotted = weights
     # A pool of weight 0 is not read at all (an understanding cycle would otherwise load every round's images).
     model = [ex for r in rounds for ex in read_records(r / "records.jsonl")] if w_match or w_mismatch else []
     match = [ex for ex in model if ex[2].startswith("the image matches")]
@@ -527,7 +546,8 @@ def _answer_examples(
         if w_understanding and (path / "records.jsonl").is_file()
         for ex in read_records(path / "records.jsonl")
     ]
-    pools = zip((match, mismatch, synthetic, understanding), weights, strict=True)
+    dotted = dotted_captions(DOTTED_CAPTIONS, DOTTED_SEED) if w_dotted else []
+    pools = zip((match, mismatch, synthetic, understanding, dotted), weights, strict=True)
     return [(p, w) for p, w in pools if p and w > 0]
 
 
@@ -538,8 +558,10 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
     round 2 labels the images of the round-1 model after one reflection round (judged and repaired by itself),
     and continues training the adapter; each ``answer_steps`` entry continues it once more on the same pools,
     each ``redraw_steps`` entry is one more round on the drawings of chat turns (what a reflection judges), each
-    ``understanding_steps`` entry a cycle on the understanding questions alone, and ``settle_steps`` a last round
-    of drawings with understanding weighted up. Every cycle is saved as OUT/final_reflect_round{i}, and a run
+    ``understanding_steps`` entry a cycle on the understanding questions alone, ``settle_steps`` a round of new
+    drawings with understanding weighted up, each ``dot_steps`` entry a cycle that teaches the adapter to read
+    dots (dot-rich captions and the cell probe), and ``resettle_steps`` a last round on the settling round's
+    drawings again. Every cycle is saved as OUT/final_reflect_round{i}, and a run
     continues after the last saved one. Writes OUT/final_reflect."""
     import random
 
@@ -554,13 +576,20 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
     if (target / "model_index.json").is_file():
         return target
     source, adapter, done = final, None, []
-    # (reflection round or None, steps, pool weights) per cycle; rounds after the first `rounds` are late rounds.
-    cycles = [(r, b.reflection_steps, ANSWER_POOLS) for r in range(1, rounds + 1)]
-    cycles += [(None, s, ANSWER_POOLS) for s in b.answer_steps]
-    cycles += [(rounds + 1 + k, s, ANSWER_POOLS) for k, s in enumerate(b.redraw_steps)]
-    cycles += [(None, s, UNDERSTANDING_POOLS) for s in b.understanding_steps]
+    # (reflection round or None, steps, pool weights, cell-probe weight) per cycle; rounds after the first
+    # `rounds` are late rounds (the re-settling round reads the settling round's drawings again).
+    cycles = [(r, b.reflection_steps, ANSWER_POOLS, 0.0) for r in range(1, rounds + 1)]
+    cycles += [(None, s, ANSWER_POOLS, 0.0) for s in b.answer_steps]
+    cycles += [(rounds + 1 + k, s, ANSWER_POOLS, 0.0) for k, s in enumerate(b.redraw_steps)]
+    cycles += [(None, s, UNDERSTANDING_POOLS, 0.0) for s in b.understanding_steps]
+    settle_round = rounds + 1 + len(b.redraw_steps)
     if b.settle_steps:
-        cycles.append((rounds + 1 + len(b.redraw_steps), b.settle_steps, SETTLE_POOLS))
+        cycles.append((settle_round, b.settle_steps, SETTLE_POOLS, 0.0))
+    cycles += [(None, s, DOT_POOLS, aux) for s, aux in b.dot_steps]
+    if b.resettle_steps:
+        if not b.settle_steps:
+            raise ValueError("resettle_steps reads the settling round's drawings: it needs settle_steps")
+        cycles.append((settle_round, b.resettle_steps, RESETTLE_POOLS, RESETTLE_AUX))
     # An interrupted run continues after its last saved cycle, from that cycle's adapter.
     last = max(
         (i for i in range(1, len(cycles) + 1) if (out / f"final_reflect_round{i}/model_index.json").is_file()),
@@ -574,7 +603,7 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
     pipe.reflection_adapter = None  # a clean MLLM: no adapter layers (not even those of a final that has one)
     plain = OmniGen2ChatPipeline(pipe)  # only for its tokenizer and image processor (the same in every round)
     batcher = UnderstandingBatcher(plain.tokenizer, plain.vision_processor)
-    for i, (r, steps, weights) in enumerate(cycles, start=1):
+    for i, (r, steps, weights, aux) in enumerate(cycles, start=1):
         late_round = r is not None and r > rounds
         if i <= last:
             done += [out / f"reflection_round{r}"] if r is not None else []
@@ -606,7 +635,7 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
         rng = random.Random(i)
         n_examples = max(20000, 32 * steps)  # about one visit each
         examples = [rng.choice(rng.choices([p for p, _ in pools], [w for _, w in pools])[0]) for _ in range(n_examples)]
-        adapter, _ = train_reflection_adapter(pipe.mllm, batcher, examples, steps, adapter=adapter)
+        adapter, _ = train_reflection_adapter(pipe.mllm, batcher, examples, steps, adapter=adapter, cell_aux=aux)
         pipe.reflection_adapter = adapter
         source = out / f"final_reflect_round{i}"
         pipe.save_pretrained(source)

@@ -260,8 +260,10 @@ REFLECTION_LORA = {
     "r": 64,
     "lora_alpha": 64,
     "lora_dropout": 0.0,
+    # The tower's patch embedding and merger too: with the cell probe (cell_aux) the tower learns the dots it
+    # dropped. An adapter saved before (without them) loads and continues with those layers starting at zero.
     "target_modules": r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    r"|visual\.blocks.*\.(qkv|proj|gate_proj|up_proj|down_proj))",
+    r"|visual\.blocks.*\.(qkv|proj|gate_proj|up_proj|down_proj)|visual\.patch_embed\.proj|visual\.merger\.mlp\.(0|2))",
 }
 
 
@@ -278,11 +280,19 @@ def read_records(path: str | os.PathLike) -> list[tuple[list[PIL.Image.Image], s
 
 
 def train_reflection_adapter(
-    mllm, batcher, examples: Sequence, steps: int, batch_size: int = 32, lr: float = 1e-3, adapter: dict | None = None
+    mllm,
+    batcher,
+    examples: Sequence,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    adapter: dict | None = None,
+    cell_aux: float = 0.0,
 ) -> tuple[dict, list[float]]:
     """Train the reflection LoRA on (images, question, answer) examples, starting from ``adapter`` when given (the
-    second round continues the first). ``mllm`` is not modified (a copy is trained). Returns the adapter in the
-    checkpoint's form, ``{"config", "state_dict"}``, and the loss history."""
+    second round continues the first). ``mllm`` is not modified (a copy is trained). With ``cell_aux > 0`` the
+    vision tokens also learn each cell's dot (:mod:`.cell_probe`, that weight on its loss). Returns the adapter in
+    the checkpoint's form, ``{"config", "state_dict"}``, and the loss history."""
     import copy
     import random
 
@@ -297,10 +307,25 @@ def train_reflection_adapter(
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
 
+    trained, labels = model, {}
+    if cell_aux > 0:
+        from .cell_probe import CellProbe, cell_labels
+
+        trained = CellProbe(model, cell_aux)
+
     def batch(step: int):
         rng = random.Random(step)
-        return batcher([examples[rng.randrange(len(examples))] for _ in range(batch_size)])
+        picked = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
+        out = batcher(picked)
+        if cell_aux > 0:  # the judge reads each image once; (N_images, 9) in the batch's image order
+            images = [im for ims, _, _ in picked for im in ([] if ims is None else ims)]
+            out["cell_labels"] = torch.tensor(
+                [labels.setdefault(id(im), cell_labels(im)) for im in images], dtype=torch.long
+            ).reshape(len(images), -1)
+        return out
 
-    history = train_mllm(model, batch, steps, lr=lr, warmup=min(50, steps // 10))
+    history = train_mllm(trained, batch, steps, lr=lr, warmup=min(50, steps // 10))
+    if cell_aux > 0:
+        trained.remove()  # the probe's head is dropped; the adapter keeps what it taught the tower
     state = get_peft_model_state_dict(model, adapter_name="reflection")
     return {"config": {"peft_type": "LORA", **REFLECTION_LORA}, "state_dict": state}, history

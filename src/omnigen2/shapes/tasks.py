@@ -590,6 +590,19 @@ def make_case(task: str, category: str, seed: int, split: str | None = None) -> 
     return Case(task, category, seed, question, (scene,), base.target, answer, instruction)
 
 
+def dotted_captions(n: int, start: int = 0, dots: float = 0.5) -> list[tuple[list[PIL.Image.Image], str, str]]:
+    """n training examples (images, question, answer) of the caption question on training-split scenes whose
+    objects carry a dot at the odds ``dots`` (the benchmark's captions: 3 in 10), for teaching the answering
+    adapter to read dots (cell_probe). Not a benchmark category: seeds of the training split only."""
+    out = []
+    for seed in seeds("train", n, start):
+        rng = random.Random(stable_hash("dotted-caption", seed))
+        scene = _scene(rng, rng.randint(1, 4), dots=dots)
+        image = render(scene, np.random.default_rng(stable_hash("dotted-caption", seed, "render")))
+        out.append(([image], "describe the image.", scene.caption()))
+    return out
+
+
 def category_counts(task: str, n: int) -> dict[str, int]:
     """n cases of a task spread evenly over its categories (the first ones get the remainder)."""
     cats = TASKS[task]

@@ -1,0 +1,92 @@
+"""The cell probe (an auxiliary loss that makes the answering adapter's vision tokens keep each cell's dot) and the
+dot-rich captions it trains with."""
+
+from __future__ import annotations
+
+import PIL.Image
+import pytest
+import torch
+
+from omnigen2 import OmniGen2ChatPipeline, OmniGen2Pipeline
+from omnigen2.shapes import judge
+from omnigen2.shapes.cell_probe import CLASSES, DOT_CLASS, IGNORE, NO_DOT, CellProbe, cell_labels
+from omnigen2.shapes.pretrain import UnderstandingBatcher
+from omnigen2.shapes.reflection import train_reflection_adapter
+from omnigen2.shapes.render import render
+from omnigen2.shapes.tasks import cases, dotted_captions
+from omnigen2.shapes.world import CELLS, Object, Scene
+
+
+def test_cell_labels_read_each_cells_dot():
+    scene = Scene((Object("square", "red", "blue", "top left"), Object("circle", "green", None, "center")), "sky")
+    labels = cell_labels(render(scene, 0))
+    expected = [IGNORE] * len(CELLS)
+    expected[CELLS.index("top left")] = DOT_CLASS["blue"]
+    expected[CELLS.index("center")] = NO_DOT
+    assert labels == expected and max(DOT_CLASS.values()) == CLASSES - 1
+    # An image the judge cannot read teaches nothing.
+    assert cell_labels(PIL.Image.new("RGB", (64, 64), (3, 250, 7))) == [IGNORE] * len(CELLS)
+
+
+def test_dotted_captions_are_training_captions_of_dot_rich_scenes():
+    examples = dotted_captions(40, start=123)
+    assert examples == dotted_captions(40, start=123)  # deterministic, rendering included
+    objects = dotted = 0
+    for images, question, answer in examples:
+        assert question == "describe the image." and len(images) == 1 and images[0].size == (64, 64)
+        scene = judge.read(images[0])
+        assert scene.caption() == answer  # the caption is what the image shows
+        objects += len(scene.objects)
+        dotted += sum(o.dot is not None for o in scene.objects)
+    assert 0.35 < dotted / objects < 0.65  # even odds, against 3 in 10 in the benchmark's captions
+
+
+@pytest.fixture(scope="module")
+def chat():
+    pipe = OmniGen2Pipeline.from_pretrained("builtin:shapes")
+    pipe.reflection_adapter = None  # a clean MLLM, as the recipe trains the adapter on
+    return OmniGen2ChatPipeline(pipe)
+
+
+def test_the_probe_adds_its_loss_and_trains_the_vision_tower(chat):
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from omnigen2.shapes.reflection import REFLECTION_LORA
+
+    mllm = copy.deepcopy(chat.pipe.mllm)
+    inject_adapter_in_model(LoraConfig(**REFLECTION_LORA), mllm, adapter_name="probe")
+    for name, p in mllm.named_parameters():
+        p.requires_grad_("lora_" in name)
+    batcher = UnderstandingBatcher(chat.tokenizer, chat.vision_processor)
+    examples = [(c.input_images(), c.prompt, c.answer) for c in cases("understanding", 4, "train")]
+    batch = batcher(examples)
+    labels = torch.tensor([cell_labels(ims[0]) for ims, _, _ in examples])
+    probe = CellProbe(mllm, weight=2.0)
+    out = probe(cell_labels=labels, **batch)
+    assert torch.allclose(out.loss, out.answer_loss + 2.0 * out.cell_loss)
+    assert out.cell_loss > 0.1  # an untrained head: about log(7)
+    out.cell_loss.backward()
+    # LoRA's B starts at zero, so its gradient is the first to move: the tower's layers get one, the language
+    # model's none (the probe reads the vision tokens only).
+    moved = {n for n, p in mllm.named_parameters() if "lora_B" in n and p.grad is not None and p.grad.abs().sum() > 0}
+    assert any("visual.patch_embed" in n for n in moved) and any("visual.blocks" in n for n in moved)
+    assert not any("language_model" in n for n in moved)
+    probe.remove()
+    assert not mllm.model.visual._forward_hooks
+
+
+def test_training_with_the_probe_leaves_the_mllm_alone_and_keeps_the_tower_layers(chat):
+    batcher = UnderstandingBatcher(chat.tokenizer, chat.vision_processor)
+    examples = [(c.input_images(), c.prompt, c.answer) for c in cases("understanding", 8, "train")]
+    examples.append((None, "draw a red circle", "<|img|>"))  # an example without images carries no probe loss
+    mllm = chat.pipe.mllm
+    before = {k: v.clone() for k, v in mllm.state_dict().items() if "lora_" not in k}
+    adapter, history = train_reflection_adapter(mllm, batcher, examples, 2, batch_size=4, cell_aux=1.0)
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(history)))
+    keys = adapter["state_dict"].keys()
+    assert any("patch_embed" in k for k in keys) and any("merger" in k for k in keys)
+    assert not mllm.model.visual._forward_hooks  # the probe's hook went with its copy
+    after = {k: v for k, v in mllm.state_dict().items() if "lora_" not in k}
+    assert all(before[k].equal(after[k]) for k in before)
