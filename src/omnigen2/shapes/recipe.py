@@ -73,9 +73,11 @@ class Budget:
     # one (steps, probe weight) entry each. The vision tower had dropped the dot's colour, so captions never named
     # a dot (docs/BENCHMARKS.md, "The dot the vision tower drops").
     dot_steps: tuple[tuple[int, float], ...] = ()
-    # A last round on the settling round's drawings again (0: none), the dot-rich captions among its pools and
-    # the probe kept on (RESETTLE_AUX), which restores the verdicts the dot cycles cost.
-    resettle_steps: int = 0
+    # Rounds on the settling round's drawings again, one entry (steps) each, the dot-rich captions among their
+    # pools and the probe kept on (RESETTLE_AUX): the first (RESETTLE_POOLS) restores the verdicts the dot cycles
+    # cost, the later ones (RESETTLE_LATE_POOLS) weight the understanding questions up again, which wins back the
+    # counting, colour and position answers the dot cycles lowered.
+    resettle_steps: tuple[int, ...] = ()
     t2i_steps: int = 0  # phase 1 of the transformer, text-to-image only
     vision_steps: int = 0  # a grown vision tower, language model frozen (0: keep the first tower; see stage_vision)
     vision_depth: int = 4
@@ -113,7 +115,7 @@ BUDGETS = {
         understanding_steps=(2,),
         settle_steps=2,
         dot_steps=((2, 1.0),),
-        resettle_steps=2,
+        resettle_steps=(2,),
         t2i_steps=2,
         vision_steps=2,
         extra_per_task=8,
@@ -144,7 +146,7 @@ BUDGETS["cpu-long"] = replace(
     understanding_steps=(1500, 3000, 4000),
     settle_steps=2000,
     dot_steps=((1500, 1.0), (2000, 0.5)),
-    resettle_steps=2000,
+    resettle_steps=(2000, 3000),
     precondition_text=False,  # the shipped transformer was trained before the option existed
 )
 EXTRA_SEED_OFFSET = 10**6  # phase 3's training seeds (the first data stage uses those from 0)
@@ -519,6 +521,7 @@ SETTLE_POOLS = (0.15, 0.15, 0.15, 0.55, 0.0)
 UNDERSTANDING_POOLS = (0.0, 0.0, 0.0, 1.0, 0.0)
 DOT_POOLS = (0.0, 0.0, 0.0, 0.5, 0.5)
 RESETTLE_POOLS = (0.15, 0.15, 0.15, 0.35, 0.2)
+RESETTLE_LATE_POOLS = (0.1, 0.1, 0.15, 0.45, 0.2)
 RESETTLE_AUX = 0.5  # the cell probe's weight in the last round
 DOTTED_CAPTIONS = 8000  # training examples of tasks.dotted_captions, from seed DOTTED_SEED
 DOTTED_SEED = 2 * 10**6
@@ -560,8 +563,8 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
     each ``redraw_steps`` entry is one more round on the drawings of chat turns (what a reflection judges), each
     ``understanding_steps`` entry a cycle on the understanding questions alone, ``settle_steps`` a round of new
     drawings with understanding weighted up, each ``dot_steps`` entry a cycle that teaches the adapter to read
-    dots (dot-rich captions and the cell probe), and ``resettle_steps`` a last round on the settling round's
-    drawings again. Every cycle is saved as OUT/final_reflect_round{i}, and a run
+    dots (dot-rich captions and the cell probe), and each ``resettle_steps`` entry a round on the settling
+    round's drawings again. Every cycle is saved as OUT/final_reflect_round{i}, and a run
     continues after the last saved one. Writes OUT/final_reflect."""
     import random
 
@@ -589,7 +592,10 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
     if b.resettle_steps:
         if not b.settle_steps:
             raise ValueError("resettle_steps reads the settling round's drawings: it needs settle_steps")
-        cycles.append((settle_round, b.resettle_steps, RESETTLE_POOLS, RESETTLE_AUX))
+        cycles += [
+            (settle_round, s, RESETTLE_POOLS if k == 0 else RESETTLE_LATE_POOLS, RESETTLE_AUX)
+            for k, s in enumerate(b.resettle_steps)
+        ]
     # An interrupted run continues after its last saved cycle, from that cycle's adapter.
     last = max(
         (i for i in range(1, len(cycles) + 1) if (out / f"final_reflect_round{i}/model_index.json").is_file()),
