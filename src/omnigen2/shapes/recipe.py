@@ -522,7 +522,7 @@ UNDERSTANDING_POOLS = (0.0, 0.0, 0.0, 1.0, 0.0)
 DOT_POOLS = (0.0, 0.0, 0.0, 0.5, 0.5)
 RESETTLE_POOLS = (0.15, 0.15, 0.15, 0.35, 0.2)
 RESETTLE_LATE_POOLS = (0.1, 0.1, 0.15, 0.45, 0.2)
-RESETTLE_AUX = 0.5  # the cell probe's weight in the last round
+RESETTLE_AUX = 0.5  # the cell probe's weight in the re-settling rounds
 DOTTED_CAPTIONS = 8000  # training examples of tasks.dotted_captions, from seed DOTTED_SEED
 DOTTED_SEED = 2 * 10**6
 

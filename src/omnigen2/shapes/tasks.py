@@ -461,8 +461,8 @@ def _ic_into_scene(rng):
 # understanding ------------------------------------------------------------------------------------------------
 
 
-def _u_caption(rng):
-    scene = _scene(rng, rng.randint(1, 4))
+def _u_caption(rng, dots: float = 0.3):
+    scene = _scene(rng, rng.randint(1, 4), dots=dots)
     return "describe the image.", scene, scene.caption()
 
 
@@ -596,10 +596,9 @@ def dotted_captions(n: int, start: int = 0, dots: float = 0.5) -> list[tuple[lis
     adapter to read dots (cell_probe). Not a benchmark category: seeds of the training split only."""
     out = []
     for seed in seeds("train", n, start):
-        rng = random.Random(stable_hash("dotted-caption", seed))
-        scene = _scene(rng, rng.randint(1, 4), dots=dots)
+        question, scene, answer = _u_caption(random.Random(stable_hash("dotted-caption", seed)), dots=dots)
         image = render(scene, np.random.default_rng(stable_hash("dotted-caption", seed, "render")))
-        out.append(([image], "describe the image.", scene.caption()))
+        out.append(([image], question, answer))
     return out
 
 
