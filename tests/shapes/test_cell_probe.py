@@ -1,5 +1,5 @@
-"""The cell probe (an auxiliary loss that makes the answering adapter's vision tokens keep each cell's dot) and the
-dot-rich captions it trains with."""
+"""The cell probe (an auxiliary loss that makes the answering adapter's vision tokens keep each cell's dot, and
+optionally per-shape counts summed over the tokens) and the dot-rich captions it trains with."""
 
 from __future__ import annotations
 
@@ -9,12 +9,21 @@ import torch
 
 from omnigen2 import OmniGen2ChatPipeline, OmniGen2Pipeline
 from omnigen2.shapes import judge
-from omnigen2.shapes.cell_probe import CLASSES, DOT_CLASS, IGNORE, NO_DOT, CellProbe, cell_labels
+from omnigen2.shapes.cell_probe import (
+    CLASSES,
+    DOT_CLASS,
+    IGNORE,
+    NO_COUNT,
+    NO_DOT,
+    CellProbe,
+    cell_labels,
+    probe_labels,
+)
 from omnigen2.shapes.pretrain import UnderstandingBatcher
 from omnigen2.shapes.reflection import train_reflection_adapter
 from omnigen2.shapes.render import render
 from omnigen2.shapes.tasks import cases, dotted_captions
-from omnigen2.shapes.world import CELLS, Object, Scene
+from omnigen2.shapes.world import CELLS, SHAPES, Object, Scene
 
 
 def test_cell_labels_read_each_cells_dot():
@@ -26,6 +35,22 @@ def test_cell_labels_read_each_cells_dot():
     assert labels == expected and max(DOT_CLASS.values()) == CLASSES - 1
     # An image the judge cannot read teaches nothing.
     assert cell_labels(PIL.Image.new("RGB", (64, 64), (3, 250, 7))) == [IGNORE] * len(CELLS)
+
+
+def test_probe_labels_add_the_per_shape_counts():
+    scene = Scene(
+        (
+            Object("square", "red", "blue", "top left"),
+            Object("circle", "green", None, "center"),
+            Object("square", "yellow", None, "bottom"),
+        ),
+        "sky",
+    )
+    labels = probe_labels(render(scene, 0))
+    assert labels[: len(CELLS)] == cell_labels(render(scene, 0))
+    assert labels[len(CELLS) :] == [scene.count(s) for s in SHAPES] == [1, 2, 0, 0]  # circle, square, ...
+    unreadable = probe_labels(PIL.Image.new("RGB", (64, 64), (3, 250, 7)))
+    assert unreadable == [IGNORE] * len(CELLS) + [NO_COUNT] * len(SHAPES)
 
 
 def test_dotted_captions_are_training_captions_of_dot_rich_scenes():
@@ -77,13 +102,46 @@ def test_the_probe_adds_its_loss_and_trains_the_vision_tower(chat):
     assert not mllm.model.visual._forward_hooks
 
 
+def test_the_count_term_sums_one_map_over_the_tokens_and_trains_the_tower(chat):
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from omnigen2.shapes.reflection import REFLECTION_LORA
+
+    mllm = copy.deepcopy(chat.pipe.mllm)
+    inject_adapter_in_model(LoraConfig(**REFLECTION_LORA), mllm, adapter_name="probe")
+    for name, p in mllm.named_parameters():
+        p.requires_grad_("lora_" in name)
+    batcher = UnderstandingBatcher(chat.tokenizer, chat.vision_processor)
+    examples = [(c.input_images(), c.prompt, c.answer) for c in cases("understanding", 4, "train")]
+    labels = torch.tensor([probe_labels(ims[0]) for ims, _, _ in examples])
+    # Dots off: the count term alone.
+    probe = CellProbe(mllm, weight=0.0, count_weight=0.5)
+    out = probe(cell_labels=labels, **batcher(examples))
+    assert float(out.cell_loss) == 0.0 and out.count_loss > 0
+    assert torch.allclose(out.loss, out.answer_loss + 0.5 * out.count_loss)
+    # The prediction is the head over each token, summed: what the probe regresses is additive over tokens.
+    tokens = probe._tokens.reshape(len(examples), -1, probe._tokens.shape[-1])  # (4, 16, D)
+    predicted = probe.count_head(tokens).sum(1)  # (4, shapes)
+    expected = torch.nn.functional.mse_loss(predicted, labels[:, len(CELLS) :].float())
+    assert torch.allclose(out.count_loss, expected)
+    out.count_loss.backward()
+    moved = {n for n, p in mllm.named_parameters() if "lora_B" in n and p.grad is not None and p.grad.abs().sum() > 0}
+    assert any("visual.blocks" in n for n in moved) and not any("language_model" in n for n in moved)
+    # An unreadable image carries no count.
+    labels[:, len(CELLS) :] = NO_COUNT
+    assert not hasattr(probe(cell_labels=labels, **batcher(examples)), "count_loss")
+    probe.remove()
+
+
 def test_training_with_the_probe_leaves_the_mllm_alone_and_keeps_the_tower_layers(chat):
     batcher = UnderstandingBatcher(chat.tokenizer, chat.vision_processor)
     examples = [(c.input_images(), c.prompt, c.answer) for c in cases("understanding", 8, "train")]
     examples.append((None, "draw a red circle", "<|img|>"))  # an example without images carries no probe loss
     mllm = chat.pipe.mllm
     before = {k: v.clone() for k, v in mllm.state_dict().items() if "lora_" not in k}
-    adapter, history = train_reflection_adapter(mllm, batcher, examples, 2, batch_size=4, cell_aux=1.0)
+    adapter, history = train_reflection_adapter(mllm, batcher, examples, 2, batch_size=4, cell_aux=1.0, count_aux=0.2)
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(history)))
     keys = adapter["state_dict"].keys()
     assert any("patch_embed" in k for k in keys) and any("merger" in k for k in keys)

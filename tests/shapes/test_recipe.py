@@ -42,9 +42,10 @@ def test_smoke_recipe_end_to_end(tmp_path, monkeypatch):
         "final_reflect_round6/model_index.json",
         "final_reflect_round7/model_index.json",  # dot_steps: dot-rich captions and the cell probe
         "final_reflect_round8/model_index.json",  # resettle_steps: the settling round's drawings again
+        "final_reflect_round9/model_index.json",  # count_steps: counting weighted up, the probe's count term on
     ):
         assert (tmp_path / stage).is_file(), stage
-    assert not (tmp_path / "reflection_round5").exists()  # the re-settling round draws nothing new
+    assert not (tmp_path / "reflection_round5").exists()  # the re-settling and counting rounds draw nothing new
     assert json.loads((tmp_path / "vae" / "reconstruction.json").read_text())["judge_pass_rate"] >= 0.0
     curve = json.loads((tmp_path / "learning_curve.json").read_text())
     assert [row["step"] for row in curve] == sorted(row["step"] for row in curve) and curve
@@ -78,15 +79,16 @@ def test_smoke_recipe_end_to_end(tmp_path, monkeypatch):
     # An interrupted adapter stage continues after its last saved cycle: only the last cycle trains again, from the
     # adapter the one before it saved; a final pipeline that carries an adapter already still trains a clean MLLM.
     shutil.rmtree(final)
-    shutil.rmtree(tmp_path / "final_reflect_round8")
+    shutil.rmtree(tmp_path / "final_reflect_round9")
     starts, train = [], reflection.train_reflection_adapter
     monkeypatch.setattr(reflection, "train_reflection_adapter", lambda *a, **k: starts.append(k) or train(*a, **k))
     assert recipe.stage_reflection(tmp_path, tmp_path / "final_reflect_round1", recipe.BUDGETS["smoke"]) == final
-    before = load_reflection_adapter(tmp_path / "final_reflect_round7")["state_dict"]
-    assert len(starts) == 1 and starts[0]["cell_aux"] == recipe.RESETTLE_AUX  # the re-settling round keeps the probe
+    before = load_reflection_adapter(tmp_path / "final_reflect_round8")["state_dict"]
+    assert len(starts) == 1 and starts[0]["cell_aux"] == recipe.RESETTLE_AUX  # the counting round keeps the probe
+    assert starts[0]["count_aux"] == recipe.COUNT_AUX  # with its count term
     starts = [k["adapter"] for k in starts]
     assert starts[0]["state_dict"].keys() == before.keys()
-    # The dot cycle trained the tower's patch embedding and merger too (the LoRA targets of REFLECTION_LORA).
+    # The dot cycles trained the tower's patch embedding and merger too (the LoRA targets of REFLECTION_LORA).
     assert any("patch_embed" in k for k in before) and any("merger" in k for k in before)
     assert all(starts[0]["state_dict"][k].equal(before[k]) for k in before)
     assert (final / "mllm_reflection" / "adapter_model.safetensors").is_file()

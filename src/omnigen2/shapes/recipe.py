@@ -78,6 +78,10 @@ class Budget:
     # cost, the later ones (RESETTLE_LATE_POOLS) weight the understanding questions up again, which wins back the
     # counting, colour and position answers the dot cycles lowered.
     resettle_steps: tuple[int, ...] = ()
+    # Counting rounds after the re-settling rounds (one entry, its steps, each): the settling round's drawings
+    # again with the counting questions weighted up (COUNT_POOLS) and the probe's count term on (COUNT_AUX): the
+    # tower kept each cell's shape, the answers miscounted (docs/BENCHMARKS.md, "Counting").
+    count_steps: tuple[int, ...] = ()
     t2i_steps: int = 0  # phase 1 of the transformer, text-to-image only
     vision_steps: int = 0  # a grown vision tower, language model frozen (0: keep the first tower; see stage_vision)
     vision_depth: int = 4
@@ -116,6 +120,7 @@ BUDGETS = {
         settle_steps=2,
         dot_steps=((2, 1.0),),
         resettle_steps=(2,),
+        count_steps=(2,),
         t2i_steps=2,
         vision_steps=2,
         extra_per_task=8,
@@ -133,7 +138,8 @@ BUDGETS = {
 # 6000 + 5500 + 5500 steps), the grown vision tower, the chat phase (3000 steps; a second cycle lowered the pipeline's
 # scores and not the chat's: docs/BENCHMARKS.md) and an answering adapter trained on 36k understanding cases
 # besides reflection, with two further cycles, two late rounds on the final model's drawings, three cycles on
-# understanding alone and a settling round (~16 h on 2 cores).
+# understanding alone, a settling round, two dot cycles, two re-settling rounds and three counting rounds (~18 h on
+# 2 cores).
 BUDGETS["cpu-long"] = replace(
     BUDGETS["cpu"],
     extra_per_task=15000,
@@ -147,6 +153,7 @@ BUDGETS["cpu-long"] = replace(
     settle_steps=2000,
     dot_steps=((1500, 1.0), (2000, 0.5)),
     resettle_steps=(2000, 3000),
+    count_steps=(2000, 2000, 2000),
     precondition_text=False,  # the shipped transformer was trained before the option existed
 )
 EXTRA_SEED_OFFSET = 10**6  # phase 3's training seeds (the first data stage uses those from 0)
@@ -514,15 +521,18 @@ def _handoff(run: Path, pipeline: Path) -> Path:
 
 
 # The answering adapter's pools, weighted: the model's images the judge passed, those it failed, the synthetic
-# reflection cases, the understanding questions, captions of dot-rich scenes. A settling round weights
-# understanding up; an understanding cycle trains on it alone; a dot cycle on it and the dot-rich captions.
-ANSWER_POOLS = (0.2, 0.2, 0.15, 0.45, 0.0)
-SETTLE_POOLS = (0.15, 0.15, 0.15, 0.55, 0.0)
-UNDERSTANDING_POOLS = (0.0, 0.0, 0.0, 1.0, 0.0)
-DOT_POOLS = (0.0, 0.0, 0.0, 0.5, 0.5)
-RESETTLE_POOLS = (0.15, 0.15, 0.15, 0.35, 0.2)
-RESETTLE_LATE_POOLS = (0.1, 0.1, 0.15, 0.45, 0.2)
-RESETTLE_AUX = 0.5  # the cell probe's weight in the re-settling rounds
+# reflection cases, the understanding questions, captions of dot-rich scenes, the counting questions among the
+# understanding ones (a second draw on them). A settling round weights understanding up; an understanding cycle
+# trains on it alone; a dot cycle on it and the dot-rich captions; a counting round weights counting up.
+ANSWER_POOLS = (0.2, 0.2, 0.15, 0.45, 0.0, 0.0)
+SETTLE_POOLS = (0.15, 0.15, 0.15, 0.55, 0.0, 0.0)
+UNDERSTANDING_POOLS = (0.0, 0.0, 0.0, 1.0, 0.0, 0.0)
+DOT_POOLS = (0.0, 0.0, 0.0, 0.5, 0.5, 0.0)
+RESETTLE_POOLS = (0.15, 0.15, 0.15, 0.35, 0.2, 0.0)
+RESETTLE_LATE_POOLS = (0.1, 0.1, 0.15, 0.45, 0.2, 0.0)
+COUNT_POOLS = (0.1, 0.1, 0.15, 0.3, 0.15, 0.2)
+RESETTLE_AUX = 0.5  # the cell probe's weight in the re-settling and counting rounds
+COUNT_AUX = 0.2  # the weight of the probe's count term (a mean squared error of counts) in the counting rounds
 DOTTED_CAPTIONS = 8000  # training examples of tasks.dotted_captions, from seed DOTTED_SEED
 DOTTED_SEED = 2 * 10**6
 
@@ -532,12 +542,12 @@ def _answer_examples(
 ) -> list[tuple[list, float]]:
     """The answering adapter's pools and their weights: the model's images the judge passed, those it failed
     (with the judge's problem and fix), the synthetic reflection cases of the training data (rendered mistakes),
-    the understanding questions (the first data's and phase 3's) and captions of dot-rich scenes; pools of weight
-    0 are left out."""
+    the understanding questions (the first data's and phase 3's), captions of dot-rich scenes and the counting
+    questions among the understanding ones; pools of weight 0 are left out."""
     from .reflection import read_records
     from .tasks import dotted_captions
 
-    w_match, w_mismatch, w_synthetic, w_understanding, w_dotted = weights
+    w_match, w_mismatch, w_synthetic, w_understanding, w_dotted, w_count = weights
     # A pool of weight 0 is not read at all (an understanding cycle would otherwise load every round's images).
     model = [ex for r in rounds for ex in read_records(r / "records.jsonl")] if w_match or w_mismatch else []
     match = [ex for ex in model if ex[2].startswith("the image matches")]
@@ -546,11 +556,12 @@ def _answer_examples(
     understanding = [
         ex
         for path in (out / "data" / "understanding", out / "data" / "more" / "understanding")
-        if w_understanding and (path / "records.jsonl").is_file()
+        if (w_understanding or w_count) and (path / "records.jsonl").is_file()
         for ex in read_records(path / "records.jsonl")
     ]
     dotted = dotted_captions(DOTTED_CAPTIONS, DOTTED_SEED) if w_dotted else []
-    pools = zip((match, mismatch, synthetic, understanding, dotted), weights, strict=True)
+    counting = [ex for ex in understanding if ex[1].startswith("how many")]
+    pools = zip((match, mismatch, synthetic, understanding, dotted, counting), weights, strict=True)
     return [(p, w) for p, w in pools if p and w > 0]
 
 
@@ -564,7 +575,8 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
     ``understanding_steps`` entry a cycle on the understanding questions alone, ``settle_steps`` a round of new
     drawings with understanding weighted up, each ``dot_steps`` entry a cycle that teaches the adapter to read
     dots (dot-rich captions and the cell probe), and each ``resettle_steps`` entry a round on the settling
-    round's drawings again. Every cycle is saved as OUT/final_reflect_round{i}, and a run
+    round's drawings again, each ``count_steps`` entry once more with counting weighted up and the probe's count
+    term on. Every cycle is saved as OUT/final_reflect_round{i}, and a run
     continues after the last saved one. Writes OUT/final_reflect."""
     import random
 
@@ -579,23 +591,23 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
     if (target / "model_index.json").is_file():
         return target
     source, adapter, done = final, None, []
-    # (reflection round or None, steps, pool weights, cell-probe weight) per cycle; rounds after the first
-    # `rounds` are late rounds (the re-settling round reads the settling round's drawings again).
-    cycles = [(r, b.reflection_steps, ANSWER_POOLS, 0.0) for r in range(1, rounds + 1)]
-    cycles += [(None, s, ANSWER_POOLS, 0.0) for s in b.answer_steps]
-    cycles += [(rounds + 1 + k, s, ANSWER_POOLS, 0.0) for k, s in enumerate(b.redraw_steps)]
-    cycles += [(None, s, UNDERSTANDING_POOLS, 0.0) for s in b.understanding_steps]
+    # (reflection round or None, steps, pool weights, cell-probe weight, count-term weight) per cycle; rounds
+    # after the first `rounds` are late rounds (the re-settling round reads the settling round's drawings again).
+    cycles = [(r, b.reflection_steps, ANSWER_POOLS, 0.0, 0.0) for r in range(1, rounds + 1)]
+    cycles += [(None, s, ANSWER_POOLS, 0.0, 0.0) for s in b.answer_steps]
+    cycles += [(rounds + 1 + k, s, ANSWER_POOLS, 0.0, 0.0) for k, s in enumerate(b.redraw_steps)]
+    cycles += [(None, s, UNDERSTANDING_POOLS, 0.0, 0.0) for s in b.understanding_steps]
     settle_round = rounds + 1 + len(b.redraw_steps)
     if b.settle_steps:
-        cycles.append((settle_round, b.settle_steps, SETTLE_POOLS, 0.0))
-    cycles += [(None, s, DOT_POOLS, aux) for s, aux in b.dot_steps]
-    if b.resettle_steps:
-        if not b.settle_steps:
-            raise ValueError("resettle_steps reads the settling round's drawings: it needs settle_steps")
-        cycles += [
-            (settle_round, s, RESETTLE_POOLS if k == 0 else RESETTLE_LATE_POOLS, RESETTLE_AUX)
-            for k, s in enumerate(b.resettle_steps)
-        ]
+        cycles.append((settle_round, b.settle_steps, SETTLE_POOLS, 0.0, 0.0))
+    cycles += [(None, s, DOT_POOLS, aux, 0.0) for s, aux in b.dot_steps]
+    if (b.resettle_steps or b.count_steps) and not b.settle_steps:
+        raise ValueError("resettle_steps and count_steps read the settling round's drawings: they need settle_steps")
+    cycles += [
+        (settle_round, s, RESETTLE_POOLS if k == 0 else RESETTLE_LATE_POOLS, RESETTLE_AUX, 0.0)
+        for k, s in enumerate(b.resettle_steps)
+    ]
+    cycles += [(settle_round, s, COUNT_POOLS, RESETTLE_AUX, COUNT_AUX) for s in b.count_steps]
     # An interrupted run continues after its last saved cycle, from that cycle's adapter.
     last = max(
         (i for i in range(1, len(cycles) + 1) if (out / f"final_reflect_round{i}/model_index.json").is_file()),
@@ -609,7 +621,7 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
     pipe.reflection_adapter = None  # a clean MLLM: no adapter layers (not even those of a final that has one)
     plain = OmniGen2ChatPipeline(pipe)  # only for its tokenizer and image processor (the same in every round)
     batcher = UnderstandingBatcher(plain.tokenizer, plain.vision_processor)
-    for i, (r, steps, weights, aux) in enumerate(cycles, start=1):
+    for i, (r, steps, weights, aux, count_aux) in enumerate(cycles, start=1):
         late_round = r is not None and r > rounds
         if i <= last:
             done += [out / f"reflection_round{r}"] if r is not None else []
@@ -641,7 +653,9 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
         rng = random.Random(i)
         n_examples = max(20000, 32 * steps)  # about one visit each
         examples = [rng.choice(rng.choices([p for p, _ in pools], [w for _, w in pools])[0]) for _ in range(n_examples)]
-        adapter, _ = train_reflection_adapter(pipe.mllm, batcher, examples, steps, adapter=adapter, cell_aux=aux)
+        adapter, _ = train_reflection_adapter(
+            pipe.mllm, batcher, examples, steps, adapter=adapter, cell_aux=aux, count_aux=count_aux
+        )
         pipe.reflection_adapter = adapter
         source = out / f"final_reflect_round{i}"
         pipe.save_pretrained(source)

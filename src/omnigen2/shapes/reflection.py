@@ -288,11 +288,13 @@ def train_reflection_adapter(
     lr: float = 1e-3,
     adapter: dict | None = None,
     cell_aux: float = 0.0,
+    count_aux: float = 0.0,
 ) -> tuple[dict, list[float]]:
     """Train the reflection LoRA on (images, question, answer) examples, starting from ``adapter`` when given (the
     second round continues the first). ``mllm`` is not modified (a copy is trained). With ``cell_aux > 0`` the
-    vision tokens also learn each cell's dot (:mod:`.cell_probe`, that weight on its loss). Returns the adapter in
-    the checkpoint's form, ``{"config", "state_dict"}``, and the loss history."""
+    vision tokens also learn each cell's dot (:mod:`.cell_probe`, that weight on its loss), with ``count_aux > 0``
+    the per-shape counts as a sum over the tokens (the same probe, that weight on its count loss). Returns the
+    adapter in the checkpoint's form, ``{"config", "state_dict"}``, and the loss history."""
     import copy
     import random
 
@@ -307,25 +309,29 @@ def train_reflection_adapter(
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
 
-    trained, labels = model, {}
-    if cell_aux > 0:
-        from .cell_probe import CellProbe, cell_labels
+    trained, labels, probing = model, {}, cell_aux > 0 or count_aux > 0
+    if probing:
+        from .cell_probe import CellProbe, cell_labels, probe_labels
 
-        trained = CellProbe(model, cell_aux)
+        trained = CellProbe(model, cell_aux, count_aux)
+        label = probe_labels if count_aux > 0 else cell_labels
 
     def batch(step: int):
         rng = random.Random(step)
         picked = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
         out = batcher(picked)
-        if cell_aux > 0:  # the judge reads each image once; (N_images, 9) in the batch's image order
+        if probing:  # the judge reads each image once; (N_images, 9 or 13) in the batch's image order
             images = [im for ims, _, _ in picked for im in ([] if ims is None else ims)]
-            out["cell_labels"] = torch.tensor(
-                [labels.setdefault(id(im), cell_labels(im)) for im in images], dtype=torch.long
-            ).reshape(len(images), -1)
+            for im in images:
+                if id(im) not in labels:  # (setdefault would read it again every time)
+                    labels[id(im)] = label(im)
+            out["cell_labels"] = torch.tensor([labels[id(im)] for im in images], dtype=torch.long).reshape(
+                len(images), -1
+            )
         return out
 
     history = train_mllm(trained, batch, steps, lr=lr, warmup=min(50, steps // 10))
-    if cell_aux > 0:
+    if probing:
         trained.remove()  # the probe's head is dropped; the adapter keeps what it taught the tower
     state = get_peft_model_state_dict(model, adapter_name="reflection")
     return {"config": {"peft_type": "LORA", **REFLECTION_LORA}, "state_dict": state}, history
