@@ -73,7 +73,9 @@ def chat():
     return OmniGen2ChatPipeline(pipe)
 
 
-def test_the_probe_adds_its_loss_and_trains_the_vision_tower(chat):
+def _lora_mllm_and_examples(chat):
+    """A copy of the clean MLLM with the answering LoRA injected (only its layers train), the batcher, and four
+    training understanding questions."""
     import copy
 
     from peft import LoraConfig, inject_adapter_in_model
@@ -85,7 +87,11 @@ def test_the_probe_adds_its_loss_and_trains_the_vision_tower(chat):
     for name, p in mllm.named_parameters():
         p.requires_grad_("lora_" in name)
     batcher = UnderstandingBatcher(chat.tokenizer, chat.vision_processor)
-    examples = [(c.input_images(), c.prompt, c.answer) for c in cases("understanding", 4, "train")]
+    return mllm, batcher, [(c.input_images(), c.prompt, c.answer) for c in cases("understanding", 4, "train")]
+
+
+def test_the_probe_adds_its_loss_and_trains_the_vision_tower(chat):
+    mllm, batcher, examples = _lora_mllm_and_examples(chat)
     batch = batcher(examples)
     labels = torch.tensor([cell_labels(ims[0]) for ims, _, _ in examples])
     probe = CellProbe(mllm, weight=2.0)
@@ -103,18 +109,7 @@ def test_the_probe_adds_its_loss_and_trains_the_vision_tower(chat):
 
 
 def test_the_count_term_sums_one_map_over_the_tokens_and_trains_the_tower(chat):
-    import copy
-
-    from peft import LoraConfig, inject_adapter_in_model
-
-    from omnigen2.shapes.reflection import REFLECTION_LORA
-
-    mllm = copy.deepcopy(chat.pipe.mllm)
-    inject_adapter_in_model(LoraConfig(**REFLECTION_LORA), mllm, adapter_name="probe")
-    for name, p in mllm.named_parameters():
-        p.requires_grad_("lora_" in name)
-    batcher = UnderstandingBatcher(chat.tokenizer, chat.vision_processor)
-    examples = [(c.input_images(), c.prompt, c.answer) for c in cases("understanding", 4, "train")]
+    mllm, batcher, examples = _lora_mllm_and_examples(chat)
     labels = torch.tensor([probe_labels(ims[0]) for ims, _, _ in examples])
     # Dots off: the count term alone.
     probe = CellProbe(mllm, weight=0.0, count_weight=0.5)
