@@ -65,8 +65,8 @@ def _dots(scene) -> list[int]:
 class CellProbe(nn.Module):
     """Wraps an MLLM for training: ``forward(**batch, cell_labels=(N_images, 9 or 13))`` returns the MLLM's answer
     loss plus ``weight`` times the probe's cross-entropy over the cells of the 64 x 64 images of the batch and, with
-    ``count_weight > 0`` (the labels then :func:`probe_labels`, 13 per image), that weight times the mean squared
-    error of the additive per-shape counts.
+    ``count_weight > 0`` (the labels then :func:`probe_labels`, 13 per image; without it their counts are not
+    read), that weight times the mean squared error of the additive per-shape counts.
 
     The vision tower's output (all images' merged tokens, (T, D), in batch order) is caught by a forward hook, so
     the MLLM's own forward runs unchanged."""
@@ -101,8 +101,7 @@ class CellProbe(nn.Module):
             return out
         tokens = torch.stack([per_image[i] for i in keep])  # (n, 16, D)
         dots, shape_counts = cell_labels[keep, : len(CELLS)], cell_labels[keep, len(CELLS) :]  # (n, 9), (n, 4|0)
-        zero = out.loss.new_zeros(())
-        cell_loss = count_loss = zero
+        cell_loss = count_loss = None
         if self.weight > 0 and (dots != IGNORE).any():
             logits = self.head(tokens.flatten(1)).reshape(-1, CLASSES)  # (n * 9, CLASSES)
             cell_loss = nn.functional.cross_entropy(logits, dots.reshape(-1), ignore_index=IGNORE)
@@ -111,7 +110,9 @@ class CellProbe(nn.Module):
             if read.any():
                 predicted = self.count_head(tokens[read]).sum(1)  # (n_read, 4): summed over the 16 tokens
                 count_loss = nn.functional.mse_loss(predicted, shape_counts[read].float())
-        if cell_loss is zero and count_loss is zero:
+        if cell_loss is None and count_loss is None:
             return out
+        cell_loss = out.loss.new_zeros(()) if cell_loss is None else cell_loss
+        count_loss = out.loss.new_zeros(()) if count_loss is None else count_loss
         loss = out.loss + self.weight * cell_loss + self.count_weight * count_loss
         return SimpleNamespace(loss=loss, answer_loss=out.loss, cell_loss=cell_loss, count_loss=count_loss)

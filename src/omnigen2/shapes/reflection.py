@@ -311,20 +311,19 @@ def train_reflection_adapter(
 
     trained, labels, probing = model, {}, cell_aux > 0 or count_aux > 0
     if probing:
-        from .cell_probe import CellProbe, cell_labels, probe_labels
+        from .cell_probe import CellProbe, probe_labels
 
         trained = CellProbe(model, cell_aux, count_aux)
-        label = probe_labels if count_aux > 0 else cell_labels
 
     def batch(step: int):
         rng = random.Random(step)
         picked = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
         out = batcher(picked)
-        if probing:  # the judge reads each image once; (N_images, 9 or 13) in the batch's image order
+        if probing:  # the judge reads each image once; (N_images, 13) in the batch's image order
             images = [im for ims, _, _ in picked for im in ([] if ims is None else ims)]
             for im in images:
                 if id(im) not in labels:  # (setdefault would read it again every time)
-                    labels[id(im)] = label(im)
+                    labels[id(im)] = probe_labels(im)
             out["cell_labels"] = torch.tensor([labels[id(im)] for im in images], dtype=torch.long).reshape(
                 len(images), -1
             )
