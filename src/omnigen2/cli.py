@@ -91,6 +91,13 @@ def _add_chat(sub) -> None:
         "went through) or an existing directory (DIR/chat.png, ...); default: chat",
     )
     p.add_argument("--reflect", type=int, default=0, metavar="N", help="repairs after drawing, each judged (default 0)")
+    p.add_argument(
+        "--reflect-candidates",
+        type=int,
+        default=None,
+        metavar="K",
+        help="repairs drawn per reflection round, the MLLM keeping the one it judges best (default: the model's)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     p.add_argument("--force-image", action="store_true", help="start the answer with <|img|>: always draw")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
@@ -111,6 +118,8 @@ def cmd_chat(args) -> int:
         raise ValueError(f"{len(args.images)} input images given; OmniGen2 takes at most 5")
     if args.reflect < 0:
         raise ValueError(f"--reflect must be >= 0, got {args.reflect}")
+    if args.reflect_candidates is not None and args.reflect_candidates < 1:
+        raise ValueError(f"--reflect-candidates must be >= 1, got {args.reflect_candidates}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     images = [load_image(p) for p in args.images]  # fail on bad files before loading the model
@@ -122,6 +131,7 @@ def cmd_chat(args) -> int:
         args.prompt,
         input_images=images or None,
         reflect=args.reflect,
+        reflect_candidates=args.reflect_candidates,
         generator=generator,
         height=args.height,
         width=args.width,
@@ -137,6 +147,8 @@ def cmd_chat(args) -> int:
     print(f"answer: {out.text}")
     for k, r in enumerate(out.rounds, 1):
         note = f'; edited with "{r.fix}"' if r.image is not None else ""
+        if r.candidates:
+            note += f" (repair {r.candidates.index(r.image) + 1} of {len(r.candidates)} drawn)"
         print(f"reflection {k}: {r.answer!r} ({r.verdict}{note})")
     if any(r.image is not None for r in out.rounds):
         print(f"kept: repair {out.kept}" if out.kept else "kept: the drawing (no repair was judged a match)")
@@ -154,6 +166,7 @@ def cmd_chat(args) -> int:
         "seed": args.seed,
         "steps": args.steps,
         "reflect": args.reflect,
+        "reflect_candidates": args.reflect_candidates,
         "answer": out.text,
         "defaults_from_checkpoint": chat.pipe.sampling_defaults,
     }
@@ -319,6 +332,13 @@ def _add_eval(sub) -> None:
         help="with --reflect: start each answer with <|img|> (for an MLLM that never learned to draw by itself)",
     )
     s.add_argument(
+        "--reflect-candidates",
+        type=int,
+        default=None,
+        metavar="K",
+        help="with --reflect: repairs drawn per round, the MLLM keeping the one it judges best (default: the model's)",
+    )
+    s.add_argument(
         "--max-new-tokens",
         type=int,
         default=None,
@@ -347,6 +367,7 @@ def cmd_eval(args) -> int:
         text_guidance=args.text_guidance,
         image_guidance=args.image_guidance,
         categories=[c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None,
+        reflect_candidates=args.reflect_candidates,
     )
     print(report.table())
     print(f"wrote {Path(args.out) / 'report.json'} and {Path(args.out) / 'samples.png'}")

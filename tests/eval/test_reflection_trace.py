@@ -43,7 +43,7 @@ def test_accepted_is_what_the_chat_pipeline_returns(tiny_pipe, monkeypatch):
     chat = OmniGen2ChatPipeline(tiny_pipe)
     script = [MISMATCH_ANSWER, MISMATCH_ANSWER, MATCHES]
     answers = iter(())
-    monkeypatch.setattr(chat, "judge", lambda image, instruction, max_new_tokens=64: next(answers))
+    monkeypatch.setattr(chat, "judge_scored", lambda image, instruction, max_new_tokens=64: (next(answers), 0.0))
     case = sb.benchmark_cases(["t2i"], 1)[0]
     seed = lambda: torch.Generator().manual_seed(5)  # noqa: E731
     answers = itertools.chain(script)
@@ -59,9 +59,45 @@ def test_accepted_is_what_the_chat_pipeline_returns(tiny_pipe, monkeypatch):
         assert out.kept == k and np.array_equal(np.asarray(out.images[0]), np.asarray(t["images"][k])), n
 
 
+def test_candidates_trace_what_the_chat_pipeline_returns(tiny_pipe, monkeypatch):
+    """Two candidates per repair, scripted (verdict, score) judgements: the trace records every candidate's pass
+    and verdict, and the chat pipeline keeps the version the "accepted" policy names."""
+    chat = OmniGen2ChatPipeline(tiny_pipe)
+    no, yes = MISMATCH_ANSWER, MATCHES
+    script = [(no, -3.0), (no, -2.0), (no, -1.0), (no, -1.0), (yes, 1.0)]
+    answers = iter(())
+    monkeypatch.setattr(chat, "judge_scored", lambda image, instruction, max_new_tokens=64: next(answers))
+    case = sb.benchmark_cases(["t2i"], 1)[0]
+    seed = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    kw = dict(num_inference_steps=1, reflect_candidates=2)
+    answers = iter(script)
+    t = trace(chat, case, seed(), repairs=3, images=True, **kw)
+    assert t["verdicts"] == ["mismatch", "mismatch", "match"] and t["kept"] == 2
+    assert t["candidate_verdicts"] == [["mismatch", "mismatch"], ["mismatch", "match"]]
+    assert t["candidate_scores"] == [[-2.0, -1.0], [-1.0, 1.0]] and [len(p) for p in t["candidate_passes"]] == [2, 2]
+    for n in (1, 2, 3):
+        answers = iter(script)
+        chat.reset()
+        out = chat(
+            case.prompt,
+            reflect=n,
+            generator=seed(),
+            assistant_prefix=IMG_TOKEN,
+            height=sb.CANVAS,
+            width=sb.CANVAS,
+            **kw,
+        )
+        k = kept_version("accepted", t["verdicts"], len(t["passes"]), n)
+        assert out.kept == k and np.array_equal(np.asarray(out.images[0]), np.asarray(t["images"][k])), n
+    assert out.rounds[0].image is out.rounds[0].candidates[1]  # the better scored of two rejected repairs
+
+
 def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["--tasks", "understanding"])
     assert "image tasks" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--repairs", "0"])
+    with pytest.raises(SystemExit):
+        main(["--candidates", "0"])
+    assert "--candidates must be >= 1" in capsys.readouterr().err

@@ -139,18 +139,22 @@ def test_chat_answer_asks_the_case_question_in_a_fresh_conversation(chat, monkey
 def test_reflect_records_rounds_and_self_verdicts(official_tiny, chat, monkeypatch, tmp_path):
     ckpt = str(official_tiny / "checkpoint")
     args = ["eval", "shapes", "--model", ckpt, "--n", "2", "--tasks", "t2i,ic", "--steps", "1", "--device", "cpu"]
-    assert main([*args, "--reflect", "1", "--force-draw", "--out", str(tmp_path)]) == 0
+    flags = ["--reflect", "1", "--reflect-candidates", "2", "--force-draw", "--out", str(tmp_path)]
+    assert main([*args, *flags]) == 0
     data = json.loads((tmp_path / "report.json").read_text())
-    assert data["config"] | {"images": "chat", "reflect": 1, "force_draw": True} == data["config"]
+    expected = {"images": "chat", "reflect": 1, "reflect_candidates": 2, "force_draw": True}
+    assert data["config"] | expected == data["config"]
     assert all(c["details"]["reflect_rounds"] == 1 and c["details"]["drew"] for c in data["cases"])
     agree = data["summary"]["tasks"]["ic"]["self_verdict_agreement"]
     assert agree["n"] == 2 and agree["unparsed"] + agree["match_failed"] + agree["mismatch_failed"] == 2
     assert data["summary"]["tasks"]["t2i"]["reflection"]["rounds"] == 1.0
+    assert main([*args, "--reflect-candidates", "2", "--out", str(tmp_path)]) == 2  # needs --reflect N > 0
+    assert main([*args, "--reflect", "1", "--reflect-candidates", "0", "--out", str(tmp_path)]) == 2
 
     # Scripted verdicts on the (failing) random drawings: a match disagrees; a mismatch agrees and is repaired,
     # and the repair, judged a match, is kept.
     answers = iter([MATCHES, MISMATCH_ANSWER, MATCHES])
-    monkeypatch.setattr(chat, "judge", lambda image, instruction, max_new_tokens=64: next(answers))
+    monkeypatch.setattr(chat, "judge_scored", lambda image, instruction, max_new_tokens=64: (next(answers), 0.0))
     report = run(chat_generate(chat, reflect=1, steps=1, force_draw=True), n=2, tasks=["t2i"], progress=False)
     first, second = (r.details for r in report.results)
     assert (first["self_verdict"], first["self_verdict_agrees"], first["image_changed"]) == ("match", False, False)

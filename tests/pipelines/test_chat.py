@@ -51,6 +51,11 @@ def ban(token_ids):
     return proc
 
 
+def pil_to_pixels(image) -> torch.Tensor:
+    """A PIL image -> (1, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float() / 255
+
+
 def seed(s=0):
     return torch.Generator().manual_seed(s)
 
@@ -260,16 +265,16 @@ class Spy:
 
 @pytest.fixture
 def scripted(chat, monkeypatch):
-    """Replace the judge by scripted answers; return (asked, set_answers, spy)."""
+    """Replace the judge by scripted answers (score 0); return (asked, set_answers, spy)."""
     asked, answers = [], []
     spy = Spy(chat.pipe)
     monkeypatch.setattr(chat, "pipe", spy)
 
-    def judge(image, instruction, max_new_tokens=64):
+    def judge_scored(image, instruction, max_new_tokens=64):
         asked.append((image, instruction))
-        return answers.pop(0) if len(answers) > 1 else answers[0]
+        return (answers.pop(0) if len(answers) > 1 else answers[0]), 0.0
 
-    monkeypatch.setattr(chat, "judge", judge)
+    monkeypatch.setattr(chat, "judge_scored", judge_scored)
     return asked, answers, spy
 
 
@@ -336,6 +341,82 @@ def test_reflection_stops_on_unparsed_answer(chat, scripted):
     assert [(r.verdict, r.answer) for r in out.rounds] == [("unparsed", "a circle, maybe")] and len(spy.calls) == 1
 
 
+@pytest.fixture
+def scored(chat, monkeypatch):
+    """Replace the judge by scripted (answer, score) pairs; return (asked, set_answers, spy). Each judgement pops
+    the next scripted pair."""
+    asked, answers = [], []
+    spy = Spy(chat.pipe)
+    monkeypatch.setattr(chat, "pipe", spy)
+
+    def judge_scored(image, instruction, max_new_tokens=64):
+        asked.append(image)
+        return answers.pop(0)
+
+    monkeypatch.setattr(chat, "judge_scored", judge_scored)
+    return asked, answers, spy
+
+
+def draw_k(chat, reflect, k):
+    return chat(
+        "Draw a blue circle.",
+        assistant_prefix="<|img|>",
+        reflect=reflect,
+        reflect_candidates=k,
+        generator=seed(),
+        **KW,
+    )
+
+
+def test_reflection_candidates_keep_the_first_judged_a_match(chat, scored):
+    asked, answers, spy = scored
+    answers[:] = [(MISMATCH_ANSWER, -1.0), (MISMATCH_ANSWER, 2.0), (MATCHES, 0.5), (MATCHES, 3.0)]
+    out = draw_k(chat, reflect=3, k=3)
+    first, second = out.rounds
+    edit = spy.calls[1]
+    assert edit["num_images_per_prompt"] == 3 and edit["input_images"] == [first.judged]
+    assert len(first.candidates) == 3 and first.candidate_verdicts == ["mismatch", "match", "match"]
+    assert first.candidate_scores == [2.0, 0.5, 3.0]
+    # the first candidate judged a match is the repair, even though another scored higher
+    assert first.image is first.candidates[1] and second.judged is first.candidates[1]
+    assert second.verdict == "match" and len(asked) == 4 and len(spy.calls) == 2  # its judgement is not repeated
+    assert out.kept == 1 and np.array_equal(np.asarray(out.images[0]), np.asarray(first.candidates[1]))
+
+
+def test_reflection_candidates_continue_from_the_best_scored(chat, scored):
+    asked, answers, spy = scored
+    rejected = [(MISMATCH_ANSWER, s) for s in (-3.0, -0.5, -2.0)]
+    answers[:] = [(MISMATCH_ANSWER, -1.0), *rejected, *rejected]
+    out = draw_k(chat, reflect=2, k=3)
+    assert [r.verdict for r in out.rounds] == ["mismatch"] * 3 and len(spy.calls) == 3 and len(asked) == 7
+    assert out.rounds[0].image is out.rounds[0].candidates[1]  # the highest match score
+    assert spy.calls[2]["input_images"] == [out.rounds[0].candidates[1]]  # the next repair starts from it
+    assert out.kept == 0 and out.rounds[2].candidates == []  # no repair accepted: the drawing is returned
+
+
+def test_reflection_candidates_default_to_the_checkpoints(chat, scored, monkeypatch):
+    asked, answers, spy = scored
+    answers[:] = [(MISMATCH_ANSWER, 0.0), (MATCHES, 1.0), (MATCHES, 1.0)]
+    monkeypatch.setitem(spy.pipe.sampling_defaults, "reflect_candidates", 2)
+    out = chat("Draw a blue circle.", assistant_prefix="<|img|>", reflect=1, generator=seed(), **KW)
+    assert spy.calls[1]["num_images_per_prompt"] == 2 and len(out.rounds[0].candidates) == 2
+    answers[:] = [(MISMATCH_ANSWER, 0.0), (MATCHES, 1.0)]
+    out = draw_k(chat, reflect=1, k=1)  # the call's value wins
+    assert spy.calls[-1]["num_images_per_prompt"] == 1 and out.rounds[0].candidates == []
+
+
+def test_reflection_first_candidate_is_the_single_repair(chat, scored):
+    """k candidates are one batch of k noises from the same generator: the first is the repair k=1 draws."""
+    asked, answers, spy = scored
+    answers[:] = [(MISMATCH_ANSWER, 0.0)] * 6  # 2 judgements with one candidate, 1 + 3 with three
+    single = draw_k(chat, reflect=1, k=1).rounds[0]
+    chat.reset()  # the same one-turn conversation, so the same drawing to repair
+    batch = draw_k(chat, reflect=1, k=3).rounds[0]
+    assert single.candidates == [] and len(batch.candidates) == 3 and batch.image is batch.candidates[0]
+    assert torch.allclose(batch.pixels, single.pixels, atol=1e-5)
+    assert not torch.allclose(batch.pixels, pil_to_pixels(batch.candidates[1]), atol=1e-2)  # other noises
+
+
 def test_judge_asks_in_a_fresh_conversation(chat, inputs):
     """The real judge: one image and REFLECT_QUESTION, in the understanding-training template."""
     from omnigen2.shapes.pretrain import UnderstandingBatcher
@@ -365,6 +446,8 @@ def test_bad_input(chat, inputs):
         chat("Hi.", output_type="latent")
     with pytest.raises(ValueError, match="reflect"):
         chat("Hi.", reflect=-1)
+    with pytest.raises(ValueError, match="reflect_candidates"):
+        chat("Hi.", reflect_candidates=0)
     assert chat.history == []  # nothing recorded for refused turns
 
 
@@ -378,6 +461,7 @@ def test_cli_chat(official_tiny, tmp_path, capsys):
     base = ["--steps", "2", "--height", "64", "--width", "64", "--max-new-tokens", "4"]
     rc = main(
         ["chat", "Draw a red circle.", *model, *base, "--force-image", "--reflect", "1", "-o", str(tmp_path / "x")]
+        + ["--reflect-candidates", "2"]
     )
     printed = capsys.readouterr().out
     assert rc == 0 and "answer: <|img|>" in printed and "reflection 1:" in printed

@@ -157,3 +157,37 @@ CHAT_FLOORS = {
 def test_chat_drawing_quality_regression(shapes_chat, task, category):
     rate = pass_rate(task, category, generate=chat_generate(shapes_chat))
     assert rate >= CHAT_FLOORS[task, category], (task, category, rate)
+
+
+def forced_log_odds(chat, image, instruction: str) -> float:
+    """log P("matches") - log P("does not match") after the verdicts' shared start, teacher-forced."""
+    from omnigen2.pipelines.pipeline_chat import Turn
+    from omnigen2.shapes.tasks import REFLECT_QUESTION
+
+    shared, match_id, mismatch_id = chat._verdict_fork()
+    ids, vision = chat.build_inputs([Turn(REFLECT_QUESTION.format(instruction=instruction), [image])])
+    seen = []
+
+    def keep(step, answer, logits):
+        seen.append(logits.log_softmax(-1)[0])
+        return logits
+
+    with chat.answering():
+        chat.run_mllm(ids, vision, chat.tokenizer.decode(shared), max_new_tokens=1, logits_processor=keep)
+    return float(seen[0][match_id] - seen[0][mismatch_id])
+
+
+def test_judge_score_is_the_verdicts_log_odds(shapes_chat):
+    """``judge_scored``: the score is the log-odds of "matches" against "does not match" where the two answers
+    part, as a teacher-forced pass over the shared start computes it, and its sign is the greedy verdict."""
+    from omnigen2.pipelines.pipeline_chat import parse_reflection
+    from omnigen2.shapes.tasks import cases
+
+    case = cases("t2i", 12)[6]  # "a black square", held out
+    signs = set()
+    for instruction in (case.prompt, "a green cross"):
+        answer, score = shapes_chat.judge_scored(case.render_target(), instruction)
+        assert score == pytest.approx(forced_log_odds(shapes_chat, case.render_target(), instruction), abs=1e-4)
+        assert (score > 0) == (parse_reflection(answer)[0] == "match")
+        signs.add(score > 0)
+    assert signs == {True, False}  # the right image is judged a match, the wrong instruction a mismatch

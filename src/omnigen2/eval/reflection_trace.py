@@ -13,6 +13,7 @@ keep policy and any number of repairs N <= ``--repairs`` follows without drawing
 ``accepted`` with N repairs is exactly what ``OmniGen2ChatPipeline(reflect=N)`` returns (a test checks it)::
 
     python -m omnigen2.eval.reflection_trace [MODEL] [--n 300] [--tasks t2i] [--split eval] [--repairs 3]
+        [--candidates K]
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def trace(chat, case: Case, generator: torch.Generator, repairs: int = 3, images
         **kwargs,
     )
     versions = [out.rounds[0].judged, *(r.image for r in out.rounds if r.image is not None)]
+    tried = [r for r in out.rounds if r.candidates]
     return {
         "task": case.task,
         "category": case.category,
@@ -58,6 +60,14 @@ def trace(chat, case: Case, generator: torch.Generator, repairs: int = 3, images
         "verdicts": [r.verdict for r in out.rounds],
         "fixes": [r.fix for r in out.rounds if r.image is not None],
         "kept": out.kept,
+        # with several candidates per repair: the judge's pass and the MLLM's verdict on every candidate
+        **(
+            {"candidate_passes": [[judge.check(case, c, inputs).passed for c in r.candidates] for r in tried]}
+            if tried
+            else {}
+        ),
+        **({"candidate_verdicts": [r.candidate_verdicts for r in tried]} if tried else {}),
+        **({"candidate_scores": [r.candidate_scores for r in tried]} if tried else {}),
         **({"images": versions} if images else {}),
     }
 
@@ -114,14 +124,17 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default="t2i", help="comma-separated image tasks: t2i, edit, ic")
     p.add_argument("--split", default="eval", choices=("eval", "train"), help="held-out (eval) or training cases")
     p.add_argument("--repairs", type=int, default=3, help="most repairs per case (each judged)")
+    p.add_argument(
+        "--candidates", type=int, default=None, help="repairs drawn per round, the MLLM choosing (the model's)"
+    )
     p.add_argument("--out", default=None, help="write the traces here (JSON lines)")
     args = p.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
     bad = [t for t in tasks if t not in sb.IMAGE_TASKS]
     if bad or not tasks:
         p.error(f"--tasks takes image tasks ({', '.join(sb.IMAGE_TASKS)}), got {args.tasks!r}")
-    if args.n < 1 or args.repairs < 1:
-        p.error(f"--n and --repairs must be >= 1, got {args.n} and {args.repairs}")
+    if args.n < 1 or args.repairs < 1 or (args.candidates is not None and args.candidates < 1):
+        p.error(f"--n, --repairs and --candidates must be >= 1, got {args.n}, {args.repairs}, {args.candidates}")
     pipe = OmniGen2Pipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     chat = OmniGen2ChatPipeline(pipe)
@@ -132,7 +145,7 @@ def main(argv=None) -> int:
     for case in tqdm([c for t in tasks for c in cases(t, args.n, split=args.split)], desc="trace"):
         # The generator ShapesBench seeds for this case, so "none" and "accepted" are `eval shapes --reflect`.
         g = torch.Generator().manual_seed(stable_hash("shapesbench", 0, case.name) % 2**63)
-        traces.append(trace(chat, case, g, args.repairs))
+        traces.append(trace(chat, case, g, args.repairs, reflect_candidates=args.candidates))
         if sink:
             sink.write(json.dumps(traces[-1]) + "\n")
             sink.flush()

@@ -520,13 +520,14 @@ def evaluate_model(
     text_guidance: float | None = None,
     image_guidance: float | None = None,
     categories: Sequence[str] | None = None,
+    reflect_candidates: int | None = None,
 ) -> Report:
     """``omnigen2 eval shapes``: load a pipeline (or ``oracle``: the judge's self-check) and run ShapesBench on
     image and text tasks together. Image tasks draw through the generation pipeline, or with ``reflect=N``
     through the chat pipeline (the MLLM decides to draw, ``force_draw`` makes it, then N reflection rounds);
     text tasks are answered by the chat's MLLM. ``text_guidance`` / ``image_guidance`` replace the checkpoint's
     guidance scales for every image case; ``categories`` keeps only the cases of these categories (of the n per
-    task)."""
+    task); ``reflect_candidates`` replaces the checkpoint's repairs drawn per reflection round."""
     case_list = benchmark_cases(tasks, n)  # unknown tasks fail before the model loads
     if categories:
         case_list = select_categories(case_list, tasks, categories)
@@ -543,6 +544,11 @@ def evaluate_model(
         raise ValueError(f"--reflect must be >= 0, got {reflect}")
     if force_draw and reflect is None:
         raise ValueError("--force-draw applies to the chat path: give --reflect N (N = 0 for no reflection)")
+    if reflect_candidates is not None:
+        if not reflect:
+            raise ValueError("--reflect-candidates applies to reflection: give --reflect N with N > 0")
+        if reflect_candidates < 1:
+            raise ValueError(f"--reflect-candidates must be >= 1, got {reflect_candidates}")
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
     if model == "oracle":
@@ -559,13 +565,15 @@ def evaluate_model(
         if reflect is None:
             generate = pipeline_generate(pipe, steps=steps, **guidance)
         else:
-            generate = chat_generate(chat, reflect, steps, force_draw, max_new_tokens, **guidance)
+            extra = {} if reflect_candidates is None else {"reflect_candidates": reflect_candidates}
+            generate = chat_generate(chat, reflect, steps, force_draw, max_new_tokens, **guidance, **extra)
         answer_fn = chat_answer(chat, steps, max_new_tokens)
     config = {
         "model": str(model),
         "steps": steps,
         "images": "pipeline" if reflect is None else "chat",
         "reflect": reflect,
+        "reflect_candidates": reflect_candidates,
         "force_draw": force_draw,
         "max_new_tokens": max_new_tokens,
         **guidance,

@@ -22,7 +22,7 @@ import torch
 from ..images import check_image
 from ..models.transformer_omnigen2 import MAX_REF_IMAGES
 from ..shapes.judge import verdict_of
-from ..shapes.tasks import MISMATCH, REFLECT_QUESTION
+from ..shapes.tasks import MATCHES, MISMATCH, REFLECT_QUESTION
 from .pipeline_omnigen2 import SYSTEM_PROMPT, OmniGen2Pipeline
 
 IMG_TOKEN = "<|img|>"  # the assistant's "draw now" token
@@ -74,6 +74,11 @@ class ReflectionRound:
     fix: str | None = None
     image: PIL.Image.Image | None = None
     pixels: torch.Tensor | None = field(default=None, repr=False)
+    # With several repair candidates per round: every candidate edit (the chosen ``image`` among them), the MLLM's
+    # verdict on each and its match score (``OmniGen2ChatPipeline.judge_scored``); empty with one candidate.
+    candidates: list[PIL.Image.Image] = field(default_factory=list, repr=False)
+    candidate_verdicts: list[str] = field(default_factory=list)
+    candidate_scores: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -343,10 +348,36 @@ class OmniGen2ChatPipeline:
     def judge(self, image: PIL.Image.Image, instruction: str, max_new_tokens: int = JUDGE_MAX_NEW_TOKENS) -> str:
         """Ask the MLLM, in a fresh one-turn conversation, whether ``image`` matches ``instruction``
         (``REFLECT_QUESTION``); its greedy answer, special tokens removed."""
+        return self.judge_scored(image, instruction, max_new_tokens)[0]
+
+    @torch.no_grad()
+    def judge_scored(
+        self, image: PIL.Image.Image, instruction: str, max_new_tokens: int = JUDGE_MAX_NEW_TOKENS
+    ) -> tuple[str, float]:
+        """:meth:`judge`'s answer and how sure the MLLM is of a match: at the token where the two verdicts part
+        ("the image| matches" against "the image| does not match"), the log-probability of the match branch
+        minus the mismatch branch's (-inf when the greedy answer never reaches that token). Ranks repairs the
+        MLLM rejected all of."""
         ids, vision = self.build_inputs([Turn(REFLECT_QUESTION.format(instruction=instruction), [image])])
+        shared, match_id, mismatch_id = self._verdict_fork()
+        score = [float("-inf")]
+
+        def watch(step: int, answer: list[int], logits: torch.Tensor) -> torch.Tensor:
+            if step == len(shared) and answer == shared:
+                logp = logits.log_softmax(-1)[0]  # (V,)
+                score[0] = float(logp[match_id] - logp[mismatch_id])  # judging is outside the denoising loop
+            return logits
+
         with self.answering():
-            answer = self.run_mllm(ids, vision, max_new_tokens=max_new_tokens).answer_ids
-        return self.tokenizer.decode(answer, skip_special_tokens=True).strip()
+            answer = self.run_mllm(ids, vision, max_new_tokens=max_new_tokens, logits_processor=watch).answer_ids
+        return self.tokenizer.decode(answer, skip_special_tokens=True).strip(), score[0]
+
+    def _verdict_fork(self) -> tuple[list[int], int, int]:
+        """The tokens both verdicts start with, and the first token of each after them (match, mismatch)."""
+        match = self.tokenizer(MATCHES, add_special_tokens=False).input_ids
+        mismatch = self.tokenizer(MISMATCH, add_special_tokens=False).input_ids
+        n = next(i for i, (a, b) in enumerate(zip(match, mismatch)) if a != b)
+        return match[:n], match[n], mismatch[n]
 
     @contextlib.contextmanager
     def answering(self):
@@ -358,23 +389,45 @@ class OmniGen2ChatPipeline:
         finally:
             _set_adapters(self._adapter_layers, False)
 
-    def reflect(self, image, instruction: str, rounds: int, generator=None, **image_kwargs) -> list[ReflectionRound]:
+    def reflect(
+        self, image, instruction: str, rounds: int, generator=None, candidates: int = 1, **image_kwargs
+    ) -> list[ReflectionRound]:
         """Judge ``image`` against ``instruction``; on "does not match: {problem}. {fix}" edit it with ``fix``
         through the editing path (OmniGen2Pipeline, the image as input) and judge the repair; at most ``rounds``
         repairs, every one judged (so at most ``rounds + 1`` judgements). A match or an unparsed answer ends the
-        loop."""
+        loop. With ``candidates=k`` each repair is drawn k times (one batch, k noises) and every candidate
+        judged: the first the MLLM judges a match is the repair, else the one it scores closest to a match
+        (:meth:`judge_scored`), which the next round starts from."""
+        if candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {candidates}")
         record, question = [], REFLECT_QUESTION.format(instruction=instruction)
+        answer = self.judge_scored(image, instruction)[0]
         for k in range(rounds + 1):
-            answer = self.judge(image, instruction)
             verdict, problem, fix = parse_reflection(answer)
             step = ReflectionRound(question, image, answer, verdict, problem, fix)
             record.append(step)
             if verdict != "mismatch" or k == rounds:
                 break
-            step.pixels = self.pipe(
-                prompt=fix, input_images=[image], generator=generator, output_type="pt", **image_kwargs
-            ).images
-            image = step.image = _to_pil(step.pixels)[0]
+            pixels = self.pipe(
+                prompt=fix,
+                input_images=[image],
+                generator=generator,
+                num_images_per_prompt=candidates,
+                output_type="pt",
+                **image_kwargs,
+            ).images  # (k, 3, H, W)
+            tried = _to_pil(pixels)
+            judged = [self.judge_scored(c, instruction) for c in tried]
+            verdicts = [parse_reflection(a)[0] for a, _ in judged]
+            chosen = next((i for i, v in enumerate(verdicts) if v == "match"), None)
+            if chosen is None:
+                chosen = max(range(candidates), key=lambda i: judged[i][1])
+            answer = judged[chosen][0]  # the next round's judgement of the repair
+            if candidates > 1:
+                step.candidates, step.candidate_verdicts = tried, verdicts
+                step.candidate_scores = [s for _, s in judged]
+            step.pixels, image = pixels[chosen : chosen + 1], tried[chosen]
+            step.image = image
         return record
 
     # -- the call -------------------------------------------------------------------------------------------
@@ -385,6 +438,7 @@ class OmniGen2ChatPipeline:
         prompt: str,
         input_images: list[PIL.Image.Image] | None = None,
         reflect: int = 0,
+        reflect_candidates: int | None = None,
         generator: torch.Generator | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -402,15 +456,20 @@ class OmniGen2ChatPipeline:
     ) -> ChatOutput:
         """One turn of the conversation in ``history``. The MLLM answers ``prompt`` (about ``input_images``, at
         most 5); if it emits ``<|img|>``, an image is drawn from the same pass's states with the input images as
-        references, then, with ``reflect=N``, judged and repaired for up to N rounds. ``assistant_prefix`` is
-        teacher-forced as the start of the answer (``"<|img|>"`` forces a drawing). Sampling settings left
-        None come from the checkpoint, as in OmniGen2Pipeline; ``image_kwargs`` (``cfg_range``, ``max_pixels``,
-        ``scheduler``, ...) go to its generation call."""
+        references, then, with ``reflect=N``, judged and repaired for up to N rounds (``reflect_candidates``:
+        repairs drawn per round, :meth:`reflect`; None: the checkpoint's ``reflect_candidates``, else 1).
+        ``assistant_prefix`` is teacher-forced as the start of the answer (``"<|img|>"`` forces a drawing).
+        Sampling settings left None come from the checkpoint, as in OmniGen2Pipeline; ``image_kwargs``
+        (``cfg_range``, ``max_pixels``, ``scheduler``, ...) go to its generation call."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string (one turn), got {type(prompt).__name__}")
         images = self._check_images(input_images)
         if reflect < 0 or max_new_tokens < 0:
             raise ValueError(f"reflect and max_new_tokens must be >= 0, got {reflect} and {max_new_tokens}")
+        if reflect_candidates is None:
+            reflect_candidates = int(self.pipe.sampling_defaults.get("reflect_candidates", 1))
+        if reflect_candidates < 1:
+            raise ValueError(f"reflect_candidates must be >= 1, got {reflect_candidates}")
         if output_type not in IMAGE_OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(IMAGE_OUTPUT_TYPES)}, got {output_type!r}")
         reserved = RESERVED_IMAGE_KWARGS & set(image_kwargs)
@@ -462,7 +521,9 @@ class OmniGen2ChatPipeline:
 
             # 3. Reflection: judge the drawing against the instruction, edit it with the suggested fix
             if reflect > 0:
-                result.rounds = self.reflect(_to_pil(drawn)[0], prompt, reflect, generator, **sampling)
+                result.rounds = self.reflect(
+                    _to_pil(drawn)[0], prompt, reflect, generator, reflect_candidates, **sampling
+                )
             # Round k judged version k (0: the drawing, k: the k-th repair). A repair is kept only when the MLLM
             # judged it a match: repairs go through the editing path and can break what was right, so one it did
             # not accept is no evidence of an improvement (docs/CHAT.md, "Reflection").
