@@ -148,7 +148,7 @@ def cmd_chat(args) -> int:
     for k, r in enumerate(out.rounds, 1):
         note = f'; edited with "{r.fix}"' if r.image is not None else ""
         if r.candidates:
-            note += f" (repair {r.candidates.index(r.image) + 1} of {len(r.candidates)} drawn)"
+            note += f", the MLLM's choice of {len(r.candidates)} drawn (candidate {r.candidates.index(r.image) + 1})"
         print(f"reflection {k}: {r.answer!r} ({r.verdict}{note})")
     if any(r.image is not None for r in out.rounds):
         print(f"kept: repair {out.kept}" if out.kept else "kept: the drawing (no repair was judged a match)")
