@@ -164,7 +164,7 @@ def forced_log_odds(chat, image, instruction: str) -> float:
     from omnigen2.pipelines.pipeline_chat import Turn
     from omnigen2.shapes.tasks import REFLECT_QUESTION
 
-    shared, match_id, mismatch_id = chat._verdict_fork()
+    shared, match_id, mismatch_id = chat._verdict_fork
     ids, vision = chat.build_inputs([Turn(REFLECT_QUESTION.format(instruction=instruction), [image])])
     seen = []
 

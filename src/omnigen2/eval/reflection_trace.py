@@ -51,8 +51,7 @@ def trace(chat, case: Case, generator: torch.Generator, repairs: int = 3, images
         **kwargs,
     )
     versions = [out.rounds[0].judged, *(r.image for r in out.rounds if r.image is not None)]
-    tried = [r for r in out.rounds if r.candidates]
-    return {
+    record = {
         "task": case.task,
         "category": case.category,
         "name": case.name,
@@ -60,16 +59,15 @@ def trace(chat, case: Case, generator: torch.Generator, repairs: int = 3, images
         "verdicts": [r.verdict for r in out.rounds],
         "fixes": [r.fix for r in out.rounds if r.image is not None],
         "kept": out.kept,
-        # with several candidates per repair: the judge's pass and the MLLM's verdict on every candidate
-        **(
-            {"candidate_passes": [[judge.check(case, c, inputs).passed for c in r.candidates] for r in tried]}
-            if tried
-            else {}
-        ),
-        **({"candidate_verdicts": [r.candidate_verdicts for r in tried]} if tried else {}),
-        **({"candidate_scores": [r.candidate_scores for r in tried]} if tried else {}),
-        **({"images": versions} if images else {}),
     }
+    tried = [r for r in out.rounds if r.candidates]
+    if tried:  # several candidates per repair: the judge's pass, the MLLM's verdict and score on every one
+        record["candidate_passes"] = [[judge.check(case, c, inputs).passed for c in r.candidates] for r in tried]
+        record["candidate_verdicts"] = [r.candidate_verdicts for r in tried]
+        record["candidate_scores"] = [r.candidate_scores for r in tried]
+    if images:
+        record["images"] = versions
+    return record
 
 
 def kept_version(policy: str, verdicts: list[str], versions: int, repairs: int) -> int:

@@ -11,6 +11,7 @@ details, the reflection loop and the differences from the original.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -359,7 +360,7 @@ class OmniGen2ChatPipeline:
         minus the mismatch branch's (-inf when the greedy answer never reaches that token). Ranks repairs the
         MLLM rejected all of."""
         ids, vision = self.build_inputs([Turn(REFLECT_QUESTION.format(instruction=instruction), [image])])
-        shared, match_id, mismatch_id = self._verdict_fork()
+        shared, match_id, mismatch_id = self._verdict_fork
         score = [float("-inf")]
 
         def watch(step: int, answer: list[int], logits: torch.Tensor) -> torch.Tensor:
@@ -372,8 +373,10 @@ class OmniGen2ChatPipeline:
             answer = self.run_mllm(ids, vision, max_new_tokens=max_new_tokens, logits_processor=watch).answer_ids
         return self.tokenizer.decode(answer, skip_special_tokens=True).strip(), score[0]
 
+    @functools.cached_property
     def _verdict_fork(self) -> tuple[list[int], int, int]:
-        """The tokens both verdicts start with, and the first token of each after them (match, mismatch)."""
+        """The tokens both verdicts start with, and the first token of each after them (match, mismatch);
+        tokenized once per pipeline, as every judgement reads it."""
         match = self.tokenizer(MATCHES, add_special_tokens=False).input_ids
         mismatch = self.tokenizer(MISMATCH, add_special_tokens=False).input_ids
         n = next(i for i, (a, b) in enumerate(zip(match, mismatch)) if a != b)
