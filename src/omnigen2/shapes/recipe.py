@@ -165,7 +165,8 @@ SAMPLING = {
     "height": 64,
     "width": 64,
     # Reflection draws each repair 8 times and keeps the one the MLLM judges best (OmniGen2ChatPipeline.reflect):
-    # with one, three repairs gained +0.043 on held-out text-to-image, with 8 +0.077 (docs/BENCHMARKS.md).
+    # with one, three repairs gained +0.043 on held-out text-to-image, with 8 +0.077 (+0.057 over four noise seeds;
+    # docs/BENCHMARKS.md).
     "reflect_candidates": 8,
 }
 

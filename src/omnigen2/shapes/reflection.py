@@ -58,7 +58,8 @@ PREFERENCE = ("recolor", "reshape", "move", "remove", "add", "background")
 KINDS = ("match", "mismatch", "partial", "unfixable", "unreadable")
 WRITTEN = ("match", "mismatch", "partial")  # the kinds that make a record
 
-Generate = Callable[[str, list[PIL.Image.Image], torch.Generator | None], PIL.Image.Image]
+# A generator answers a case with one image, or with several (a reflection's candidate repairs), each judged.
+Generate = Callable[[str, list[PIL.Image.Image], torch.Generator | None], PIL.Image.Image | list[PIL.Image.Image]]
 
 
 @dataclass(frozen=True)
@@ -172,9 +173,9 @@ class ReflectionSummary:
     root: Path
     file: Path  # records.jsonl
     records: int = 0
-    kinds: dict[str, int] = field(default_factory=dict)  # diagnosis kind -> cases (they add up to all cases)
+    kinds: dict[str, int] = field(default_factory=dict)  # diagnosis kind -> judged images (they add up to all)
     fixes: dict[str, int] = field(default_factory=dict)  # edit kind -> written mismatch / partial records
-    tasks: dict[str, dict[str, int]] = field(default_factory=dict)  # task -> diagnosis kind -> cases
+    tasks: dict[str, dict[str, int]] = field(default_factory=dict)  # task -> diagnosis kind -> judged images
 
 
 def _stem(case: Case) -> str:
@@ -199,7 +200,8 @@ def reflection_records(
     A record is ``{image, question, answer, instruction, category: "model-{kind}", seed}`` plus ``task``,
     ``case_category`` and ``input_images`` (the case's inputs: the judged answer only needs the output, but the
     instruction of an edit refers to them). ``generate`` is called as ShapesBench calls it, with a torch
-    generator seeded from ``(seed, case)``."""
+    generator seeded from ``(seed, case)``; when it returns a list of images (a reflection's candidate repairs),
+    each is judged and written (``images/{case}_out{k}.png``)."""
     bad = [t for t in tasks if t not in IMAGE_TASKS]
     if bad:
         raise ValueError(f"reflection records judge image tasks ({', '.join(IMAGE_TASKS)}), not {bad}")
@@ -215,33 +217,37 @@ def reflection_records(
     for case in tqdm(case_list, desc="reflection records", disable=not progress):
         inputs = case.input_images()
         g = torch.Generator().manual_seed(stable_hash("reflection-records", seed, case.name) % 2**63)
-        output = generate(case.prompt, inputs, g)
-        d = diagnose(case, output)
-        counts[d.kind] += 1
-        per_task[case.task][d.kind] += 1
-        if d.kind not in kinds:
-            continue
-        stem = _stem(case)
-        output.convert("RGB").save(images_dir / f"{stem}_out.png")
-        input_paths = []
-        for k, im in enumerate(inputs):
-            im.save(images_dir / f"{stem}_in{k}.png")
-            input_paths.append(f"images/{stem}_in{k}.png")
-        records.append(
-            {
-                "image": f"images/{stem}_out.png",
-                "question": REFLECT_QUESTION.format(instruction=case.prompt),
-                "answer": d.answer,
-                "instruction": case.prompt,
-                "category": f"model-{d.kind}",
-                "seed": case.seed,
-                "task": case.task,
-                "case_category": case.category,
-                "input_images": input_paths,
-            }
-        )
-        if d.edit is not None:
-            fixes[d.edit.kind] += 1
+        outputs = generate(case.prompt, inputs, g)
+        several = isinstance(outputs, list)
+        stem, input_paths = _stem(case), None
+        for j, output in enumerate(outputs if several else [outputs]):
+            d = diagnose(case, output)
+            counts[d.kind] += 1
+            per_task[case.task][d.kind] += 1
+            if d.kind not in kinds:
+                continue
+            name = f"images/{stem}_out{j if several else ''}.png"
+            output.convert("RGB").save(root / name)
+            if input_paths is None:  # the inputs once per case, with its first written output
+                input_paths = []
+                for k, im in enumerate(inputs):
+                    im.save(images_dir / f"{stem}_in{k}.png")
+                    input_paths.append(f"images/{stem}_in{k}.png")
+            records.append(
+                {
+                    "image": name,
+                    "question": REFLECT_QUESTION.format(instruction=case.prompt),
+                    "answer": d.answer,
+                    "instruction": case.prompt,
+                    "category": f"model-{d.kind}",
+                    "seed": case.seed,
+                    "task": case.task,
+                    "case_category": case.category,
+                    "input_images": input_paths,
+                }
+            )
+            if d.edit is not None:
+                fixes[d.edit.kind] += 1
     _write_jsonl(summary.file, records)
     summary.records = len(records)
     summary.kinds = {k: counts[k] for k in KINDS}
