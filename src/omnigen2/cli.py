@@ -271,6 +271,11 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--resume", default=None, metavar="latest|PATH", help="continue a run from a checkpoint")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many more steps (for testing)")
+    p.add_argument(
+        "--encode-latents",
+        action="store_true",
+        help="encode every image of the mix into data.latent_cache_file and exit, without training",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -382,6 +387,11 @@ def cmd_train(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)
+    if args.encode_latents:
+        n = trainer.encode_latents()
+        if trainer.acc.is_main_process:
+            print(f"encoded {n} images; {len(trainer.latent_cache)} posteriors in {cfg.data.latent_cache_file}")
+        return 0
     history = trainer.fit(resume=args.resume, max_steps=args.max_steps)
     if trainer.acc.is_main_process and history:
         print(f"trained to step {trainer.step}; last loss {history[-1]['loss']:.5f}; run in {cfg.output.dir}")

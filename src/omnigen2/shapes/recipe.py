@@ -406,6 +406,8 @@ def _transformer_config(pretrained: Path, mix: Path, run: Path, b: Budget, steps
             "generation_prompt_prob": 0.3,
             "caption_prefix_drop": 0.0,
             "check_images": False,
+            # Every phase reads the same images with the same VAE: encoded once, shared through this file
+            "latent_cache_file": str(mix.parent / "latents.safetensors"),
         },
         # A fixed time shift towards noise, m = 3 (the base's scheduler samples with the same warp): the
         # prompt decides the image at the noisy end. The original's size rule gives m = 0.4 at 64 tokens

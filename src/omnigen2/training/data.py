@@ -258,6 +258,9 @@ class DataConfig:
     max_token_len: int = 1024
     check_images: bool = True
     cache_latents: bool = True  # keep each image's VAE posterior in memory (inputs are re-used every epoch)
+    # A safetensors file of VAE posteriors shared by runs on the same images and VAE (training/latent_cache.py):
+    # read at the start, rewritten with the posteriors encoded since when a run ends.
+    latent_cache_file: str | None = None
 
 
 class MixtureDataset:
@@ -299,6 +302,13 @@ class MixtureDataset:
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": instruction}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
+    def _input_pixels(self, n: int) -> int:
+        """The pixel budget of each of ``n`` input images (one value, or one per number of inputs)."""
+        mip = self.cfg.max_input_pixels
+        if isinstance(mip, list):
+            return mip[min(n, len(mip)) - 1] if n else mip[0]
+        return mip
+
     def _spec(self, path: str, max_pixels: int, rec: Record) -> ImageSpec:
         return ImageSpec(path, max_pixels, self.cfg.max_side_length, self.cfg.size_multiple, rec.where)
 
@@ -319,10 +329,7 @@ class MixtureDataset:
         chat_form = self.cfg.generation_prompt_prob > 0 and float(rng.random()) < self.cfg.generation_prompt_prob
         text = self.chat("" if drop_prompt else instruction, chat_form)
         inputs = [] if drop_refs else rec.input_images
-        mip = self.cfg.max_input_pixels
-        if isinstance(mip, list):
-            mip = mip[min(len(inputs), len(mip)) - 1] if inputs else mip[0]
-        refs = [self._spec(p, mip, rec) for p in inputs]
+        refs = [self._spec(p, self._input_pixels(len(inputs)), rec) for p in inputs]
         target = self._spec(rec.output_image, self.cfg.max_output_pixels, rec)
         if load:
             refs, target = [r.load() for r in refs], target.load()
@@ -358,6 +365,15 @@ class MixtureDataset:
             "where": [it["where"] for it in items],
             "sources": [it["source"] for it in items],
         }
+
+    def image_specs(self):
+        """Every image the mix can hand to the VAE, each once per resize rule: the records' inputs (with all
+        of them kept, as ``sample`` keeps them unless the references are dropped) and their outputs."""
+        for recs in self.sources:
+            for rec in recs:
+                for p in rec.input_images:
+                    yield self._spec(p, self._input_pixels(len(rec.input_images)), rec)
+                yield self._spec(rec.output_image, self.cfg.max_output_pixels, rec)
 
     def report(self) -> str:
         lines = [f"{len(self)} records in {len(self.sources)} sources; {len(self.bad)} bad records left out"]

@@ -28,6 +28,7 @@ from . import precondition
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
 from .data import ImageSpec, MixtureDataset
+from .latent_cache import LatentCache
 from .lora import config_kwargs, lora_state_dict, peft_config
 from .objective import detail_weights, flow_loss, noisy_inputs
 
@@ -146,7 +147,10 @@ class Trainer:
         self.model, self.optimizer = self.acc.prepare(self.transformer, self.optimizer)
         self.ema = EMA(self.named, t.ema_decay) if t.ema_decay > 0 else None
 
-        self.latent_cache: dict = {}
+        self.latent_cache = LatentCache(pipe.vae)
+        if cfg.data.latent_cache_file:
+            n = self.latent_cache.load(cfg.data.latent_cache_file)
+            logger.info("latent cache: %d posteriors read from %s", n, cfg.data.latent_cache_file)
         self.step = 0
         self.history: list[dict] = []
 
@@ -227,21 +231,64 @@ class Trainer:
         """Scaled VAE latents of images (tensors or lazy ImageSpecs); the posterior mean, or a sample drawn with
         the sample's generator when ``objective.vae_sample``. Posteriors of files are cached in memory."""
         vae, out = self.pipe.vae, []
+        device, dtype = vae.device, vae.dtype  # read once: diffusers walks the parameters on every access
         for img, g in zip(images, gens):
-            key = (img.path, img.max_pixels, img.max_side_length) if isinstance(img, ImageSpec) else None
-            if key is not None and key in self.latent_cache:
-                mean, std = self.latent_cache[key]
-            else:
-                pixels = img.load() if isinstance(img, ImageSpec) else img
-                dist = vae.encode(pixels[None].to(vae.device, vae.dtype)).latent_dist
-                mean, std = dist.mean[0].float().cpu(), dist.std[0].float().cpu()
-                if key is not None and self.cfg.data.cache_latents:
-                    self.latent_cache[key] = (mean, std)
+            mean, std = self._posterior(img, device, dtype)
             z = mean
             if self.cfg.objective.vae_sample and g is not None:
                 z = mean + std * torch.randn(mean.shape, generator=g)
-            out.append(self.pipe._scale_latents(z.to(vae.device, vae.dtype)[None])[0].float())
+            out.append(self.pipe._scale_latents(z.to(device, dtype)[None])[0].float())
         return out
+
+    def _posterior(self, img, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of an image's VAE posterior, each (C, h, w) float32 on the CPU; cached for files."""
+        key = (img.path, img.max_pixels, img.max_side_length) if isinstance(img, ImageSpec) else None
+        hit = self.latent_cache.get(key) if key is not None else None
+        if hit is not None:
+            return hit
+        pixels = img.load() if isinstance(img, ImageSpec) else img
+        dist = self.pipe.vae.encode(pixels[None].to(device, dtype)).latent_dist
+        # Own storage: dist.mean is a view of the encoder's (2C, h, w) moments, twice the memory per entry
+        mean, std = dist.mean[0].float().cpu().clone(), dist.std[0].float().cpu().clone()
+        if key is not None and self.cfg.data.cache_latents:
+            self.latent_cache.put(key, mean, std)
+        return mean, std
+
+    @torch.no_grad()
+    def encode_latents(self) -> int:
+        """Encode every image of the mix not yet in the latent cache and write ``data.latent_cache_file``
+        (``omnigen2 train CONFIG --encode-latents``); returns how many were encoded. Each process encodes a
+        share of the images and the main process writes them all."""
+        path = self.cfg.data.latent_cache_file
+        if not path:
+            raise ValueError("--encode-latents needs data.latent_cache_file (where the posteriors are written)")
+        if not self.cfg.data.cache_latents:
+            raise ValueError("--encode-latents needs data.cache_latents: true")
+        vae = self.pipe.vae
+        device, dtype = vae.device, vae.dtype
+        seen, todo = set(), []
+        for spec in self.data.image_specs():
+            key = (spec.path, spec.max_pixels, spec.max_side_length)
+            if key not in seen and key not in self.latent_cache:
+                seen.add(key)
+                todo.append(spec)
+        world, rank = self.acc.num_processes, self.acc.process_index
+        mine = todo[rank::world]
+        bar = tqdm(mine, desc="encode latents", disable=not self.acc.is_main_process, dynamic_ncols=True)
+        for spec in bar:
+            self._posterior(spec, device, dtype)
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            keys = [(s.path, s.max_pixels, s.max_side_length) for s in mine]
+            shares = gather_object([[(k, *self.latent_cache.entries[k]) for k in keys]])
+            for share in shares:
+                for k, m, s in share:
+                    self.latent_cache.put(tuple(k), m, s)
+        if self.acc.is_main_process:
+            self.latent_cache.save(path)
+        self.acc.wait_for_everyone()
+        return len(todo)
 
     def _text(self, batch):
         """The MLLM's conditioning of a micro-batch: (B, T, D) float states and their right-padded (B, T) mask.
@@ -479,6 +526,10 @@ class Trainer:
                 log.close()
             if writer is not None:
                 writer.close()
+        # The posteriors this run encoded, for the next run on the same images (each process keeps its own;
+        # the main process's are written)
+        if main and cfg.data.latent_cache_file and len(self.latent_cache) > self.latent_cache.loaded:
+            self.latent_cache.save(cfg.data.latent_cache_file)
         return self.history
 
     def _tensorboard(self):
