@@ -31,7 +31,7 @@ def test_encode_latents_writes_every_image_of_the_mix(base_config, four_samples,
     assert trainer.latent_cache.loaded == 4
     vae = trainer.pipe.vae
     for spec in trainer.data.image_specs():
-        mean, std = trainer.latent_cache.get((spec.path, spec.max_pixels, spec.max_side_length))
+        mean, std = trainer.latent_cache.get(spec.cache_key)
         with torch.no_grad():
             dist = vae.encode(spec.load()[None]).latent_dist
         assert torch.equal(mean, dist.mean[0].float()) and torch.equal(std, dist.std[0].float())

@@ -95,6 +95,11 @@ class ImageSpec:
     size_multiple: int
     where: str
 
+    @property
+    def cache_key(self) -> tuple[str, int, int | None]:
+        """What decides the resized image, hence its VAE posterior (training/latent_cache.py)."""
+        return self.path, self.max_pixels, self.max_side_length
+
     def load(self) -> torch.Tensor:
         """(3, H, W) in [-1, 1], resized by the original's rules."""
         try:

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 COMPACT_EVERY = 2048  # entries put between two compactions
 
-Key = tuple[str, int, "int | None"]  # (image file, max_pixels, max_side_length): what decides the resized image
+Key = tuple[str, int, "int | None"]  # ImageSpec.cache_key: (image file, max_pixels, max_side_length)
 
 
 def vae_fingerprint(vae) -> str:

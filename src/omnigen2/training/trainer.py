@@ -242,7 +242,7 @@ class Trainer:
 
     def _posterior(self, img, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of an image's VAE posterior, each (C, h, w) float32 on the CPU; cached for files."""
-        key = (img.path, img.max_pixels, img.max_side_length) if isinstance(img, ImageSpec) else None
+        key = img.cache_key if isinstance(img, ImageSpec) else None
         hit = self.latent_cache.get(key) if key is not None else None
         if hit is not None:
             return hit
@@ -268,9 +268,8 @@ class Trainer:
         device, dtype = vae.device, vae.dtype
         seen, todo = set(), []
         for spec in self.data.image_specs():
-            key = (spec.path, spec.max_pixels, spec.max_side_length)
-            if key not in seen and key not in self.latent_cache:
-                seen.add(key)
+            if spec.cache_key not in seen and spec.cache_key not in self.latent_cache:
+                seen.add(spec.cache_key)
                 todo.append(spec)
         world, rank = self.acc.num_processes, self.acc.process_index
         mine = todo[rank::world]
@@ -280,8 +279,7 @@ class Trainer:
         if world > 1:
             from accelerate.utils import gather_object
 
-            keys = [(s.path, s.max_pixels, s.max_side_length) for s in mine]
-            shares = gather_object([[(k, *self.latent_cache.entries[k]) for k in keys]])
+            shares = gather_object([[(s.cache_key, *self.latent_cache.get(s.cache_key)) for s in mine]])
             for share in shares:
                 for k, m, s in share:
                     self.latent_cache.put(tuple(k), m, s)
