@@ -13,7 +13,7 @@ keep policy and any number of repairs N <= ``--repairs`` follows without drawing
 ``accepted`` with N repairs is exactly what ``OmniGen2ChatPipeline(reflect=N)`` returns (a test checks it)::
 
     python -m omnigen2.eval.reflection_trace [MODEL] [--n 300] [--tasks t2i] [--split eval] [--repairs 3]
-        [--candidates K]
+        [--candidates K] [--seed S]
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--candidates", type=int, default=None, help="repairs drawn per round, the MLLM choosing (the model's)"
     )
+    p.add_argument("--seed", type=int, default=0, help="noise seed, as `eval shapes --seed` (the cases stay the same)")
     p.add_argument("--out", default=None, help="write the traces here (JSON lines)")
     args = p.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
 
     for case in tqdm([c for t in tasks for c in cases(t, args.n, split=args.split)], desc="trace"):
         # The generator ShapesBench seeds for this case, so "none" and "accepted" are `eval shapes --reflect`.
-        g = torch.Generator().manual_seed(stable_hash("shapesbench", 0, case.name) % 2**63)
+        g = torch.Generator().manual_seed(stable_hash("shapesbench", args.seed, case.name) % 2**63)
         traces.append(trace(chat, case, g, args.repairs, reflect_candidates=args.candidates))
         if sink:
             sink.write(json.dumps(traces[-1]) + "\n")
