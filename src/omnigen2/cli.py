@@ -209,7 +209,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--sequential-guidance", action="store_true", help="one transformer call per branch")
     p.add_argument("--attention", choices=["auto", "sdpa", "math", "flash_varlen"], default="auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks")
+    p.add_argument("--compile", action="store_true", help="torch.compile the joint blocks")
     p.add_argument("--quantize", choices=["none", "int8", "fp8"], default="none")
     p.add_argument("--offload", choices=["none", "model", "sequential", "group"], default="none")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -162,15 +162,8 @@ def varlen_attention(q, k, v, segs: Segments, backend: str = "auto", q_segs: Seg
         )
     if len(segs.lens) == 1:
         return attention(q[None], k[None], v[None], None, backend)[0]
-    return _per_sequence(q, k, v, segs, q_segs, backend)
-
-
-# Left out of torch.compile graphs: the loop's trip count and split sizes change with every training batch, and
-# each new combination would be a new graph (the compile cache's limit is reached within a few steps).
-@torch.compiler.disable
-def _per_sequence(q, k, v, segs: Segments, q_segs: Segments, backend: str) -> torch.Tensor:
     outs = [
         attention(qs[None], ks[None], vs[None], None, backend)[0]  # (n, Hq, D): one sequence, no padding
         for qs, ks, vs in zip(q.split(q_segs.lens), k.split(segs.lens), v.split(segs.lens))
     ]
-    return torch.cat(outs)  # (T_q, Hq, D)
+    return torch.cat(outs)

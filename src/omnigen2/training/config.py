@@ -40,7 +40,6 @@ class OptimConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     ema_decay: float = 0.0  # 0 disables EMA
     gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile each transformer block (acceleration/compile.py), dynamic shapes
     mixed_precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "no", "bf16", "fp16"
     seed: int = 0
     train_token_embeddings: list[str] = field(default_factory=list)  # e.g. ["<|img|>"]: MLLM rows to train

@@ -21,7 +21,6 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from ..acceleration.compile import compile_blocks
 from ..loading import parse_dtype
 from ..models import OmniGen2Transformer2DModel
 from ..pipelines import OmniGen2Pipeline
@@ -123,8 +122,6 @@ class Trainer:
             )
         if t.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
-        if t.compile:  # after LoRA, so that the adapters are compiled with the blocks; names and weights unchanged
-            compile_blocks(self.transformer, dynamic=True)
         self.token_rows = self._token_rows(t.train_token_embeddings)
         self._chat = None  # OmniGen2ChatPipeline over the same components, for data.chat_images
         if self.token_rows is not None and cfg.data.chat_images:
