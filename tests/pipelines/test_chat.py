@@ -368,19 +368,19 @@ def draw_k(chat, reflect, k):
     )
 
 
-def test_reflection_candidates_keep_the_first_judged_a_match(chat, scored):
+def test_reflection_candidates_keep_the_best_scored_match(chat, scored):
     asked, answers, spy = scored
-    answers[:] = [(MISMATCH_ANSWER, -1.0), (MISMATCH_ANSWER, 2.0), (MATCHES, 0.5), (MATCHES, 3.0)]
+    answers[:] = [(MISMATCH_ANSWER, -1.0), (MATCHES, 0.5), (MISMATCH_ANSWER, 4.0), (MATCHES, 3.0)]
     out = draw_k(chat, reflect=3, k=3)
     first, second = out.rounds
     edit = spy.calls[1]
     assert edit["num_images_per_prompt"] == 3 and edit["input_images"] == [first.judged]
-    assert len(first.candidates) == 3 and first.candidate_verdicts == ["mismatch", "match", "match"]
-    assert first.candidate_scores == [2.0, 0.5, 3.0]
-    # the first candidate judged a match is the repair, even though another scored higher
-    assert first.image is first.candidates[1] and second.judged is first.candidates[1]
+    assert len(first.candidates) == 3 and first.candidate_verdicts == ["match", "mismatch", "match"]
+    assert first.candidate_scores == [0.5, 4.0, 3.0]
+    # the match scored highest is the repair: not the first match, nor a higher-scored mismatch
+    assert first.image is first.candidates[2] and second.judged is first.candidates[2]
     assert second.verdict == "match" and len(asked) == 4 and len(spy.calls) == 2  # its judgement is not repeated
-    assert out.kept == 1 and np.array_equal(np.asarray(out.images[0]), np.asarray(first.candidates[1]))
+    assert out.kept == 1 and np.array_equal(np.asarray(out.images[0]), np.asarray(first.candidates[2]))
 
 
 def test_reflection_candidates_continue_from_the_best_scored(chat, scored):

@@ -399,8 +399,8 @@ class OmniGen2ChatPipeline:
         through the editing path (OmniGen2Pipeline, the image as input) and judge the repair; at most ``rounds``
         repairs, every one judged (so at most ``rounds + 1`` judgements). A match or an unparsed answer ends the
         loop. With ``candidates=k`` each repair is drawn k times (one batch, k noises) and every candidate
-        judged: the first the MLLM judges a match is the repair, else the one it scores closest to a match
-        (:meth:`judge_scored`), which the next round starts from."""
+        judged: the repair is the one the MLLM scores highest (:meth:`judge_scored`), among those it judges a match
+        when there are any (which ends the loop), else among all (the next round starts from it)."""
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
         record, question = [], REFLECT_QUESTION.format(instruction=instruction)
@@ -422,9 +422,8 @@ class OmniGen2ChatPipeline:
             tried = _to_pil(pixels)
             judged = [self.judge_scored(c, instruction) for c in tried]
             verdicts = [parse_reflection(a)[0] for a, _ in judged]
-            chosen = next((i for i, v in enumerate(verdicts) if v == "match"), None)
-            if chosen is None:
-                chosen = max(range(candidates), key=lambda i: judged[i][1])
+            # the candidate the MLLM is surest matches: among those judged a match if any, else among all
+            chosen = max(range(candidates), key=lambda i: (verdicts[i] == "match", judged[i][1]))
             answer = judged[chosen][0]  # the next round's judgement of the repair
             if candidates > 1:
                 step.candidates, step.candidate_verdicts = tried, verdicts
