@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import yaml
 
 from omnigen2 import OmniGen2ChatPipeline
@@ -92,3 +93,42 @@ def test_smoke_recipe_end_to_end(tmp_path, monkeypatch):
     assert any("patch_embed" in k for k in before) and any("merger" in k for k in before)
     assert all(starts[0]["state_dict"][k].equal(before[k]) for k in before)
     assert (final / "mllm_reflection" / "adapter_model.safetensors").is_file()
+
+
+def test_recipe_on_reused_parts_trains_only_the_transformer(tmp_path):
+    """``--parts``: the tokenizer, VAE, MLLM and answering adapter come from an existing Shapes pipeline unchanged
+    (no vision or reflection stage), the transformer trains on that MLLM's states, here with the text
+    preconditioner the budget leaves off."""
+    from safetensors.torch import load_file
+
+    from omnigen2.loading import resolve_path
+
+    src = resolve_path("builtin:shapes")
+    final = recipe.run(tmp_path, "smoke", parts="builtin:shapes", precondition_text=True)
+    assert final == tmp_path / "final_chat"
+    for rel in ("mllm/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        new, old = load_file(final / rel), load_file(src / rel)
+        assert new.keys() == old.keys() and all(new[k].equal(old[k]) for k in old), rel
+    for rel in ("processor/tokenizer.json", "mllm_reflection/adapter_model.safetensors"):
+        assert (final / rel).read_bytes() == (src / rel).read_bytes(), rel
+    assert not (tmp_path / "mllm_vision").exists() and not (tmp_path / "final_reflect").exists()
+    for phase in ("t2i_config.yml", "transformer_config.yml", "phase3_config.yml", "chat2_config.yml"):
+        assert yaml.safe_load((tmp_path / phase).read_text())["train"]["precondition_text"], phase
+    assert not recipe.BUDGETS["smoke"].precondition_text  # the override, not the budget
+    budget = json.loads((tmp_path / "budget.json").read_text())
+    assert budget["parts"] == "builtin:shapes" and budget["precondition_text"]
+    trained = load_file(final / "transformer/diffusion_pytorch_model.safetensors")
+    shipped = load_file(src / "transformer/diffusion_pytorch_model.safetensors")
+    assert not all(trained[k].equal(shipped[k]) for k in shipped if k in trained)  # a new transformer
+
+    chat = OmniGen2ChatPipeline.from_pretrained(final)
+    chat.set_progress_bar_config(disable=True)
+    assert chat._adapter_layers
+    assert chat("a red circle", assistant_prefix="<|img|>", num_inference_steps=2).images[0].size == (64, 64)
+
+
+def test_recipe_parts_without_a_component_is_refused(tmp_path):
+    (tmp_path / "src" / "vae").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"has no processor/, mllm/ folder"):
+        recipe.stage_parts(tmp_path / "out", str(tmp_path / "src"))
+    assert not (tmp_path / "out").exists()  # nothing copied

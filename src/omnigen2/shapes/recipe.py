@@ -4,6 +4,8 @@
     python -m omnigen2.shapes.recipe --budget cpu-long --out runs/shapes   # the shipped model: ~16 h, resumable
     python -m omnigen2.shapes.recipe --budget gpu --out runs/shapes        # a lent GPU
     python -m omnigen2.shapes.recipe --budget smoke --out /tmp/shapes      # minutes: checks the plumbing
+    python -m omnigen2.shapes.recipe --budget cpu-long --parts builtin:shapes --precondition-text --out runs/tf
+        # only the transformer (and its chat phase), on the shipped tokenizer, VAE, MLLM and answering adapter
 
 Stages (each skipped when its output exists, so an interrupted run continues):
   1. data         Shapes World training cases (training seeds only) in the original jsonl format
@@ -165,8 +167,8 @@ SAMPLING = {
     "height": 64,
     "width": 64,
     # Reflection draws each repair 8 times and keeps the one the MLLM judges best (OmniGen2ChatPipeline.reflect):
-    # with one, three repairs gained +0.043 on held-out text-to-image, with 8 +0.077 (+0.057 over four noise seeds;
-    # docs/BENCHMARKS.md).
+    # with one, three repairs gained +0.043 on held-out text-to-image, with 8 +0.077 (+0.064 over four noise seeds,
+    # keeping the best-scored match; docs/BENCHMARKS.md).
     "reflect_candidates": 8,
 }
 
@@ -237,6 +239,28 @@ def _corpus(data: Path):
             for key in ("instruction", "question", "answer"):
                 if rec.get(key):
                     yield rec[key]
+
+
+PARTS = (("processor", "tokenizer"), ("vae", "vae"), ("mllm", "mllm"))  # (pipeline folder, recipe stage folder)
+
+
+def stage_parts(out: Path, parts: str) -> Path:
+    """Reuse the tokenizer, VAE and MLLM of an existing Shapes pipeline (a directory or ``builtin:shapes``): their
+    stages then find their outputs and skip, and only the transformer trains, conditioned on that MLLM. Its vision
+    tower is kept as it is (no vision stage), so its answering adapter (``mllm_reflection/``), trained on that
+    MLLM, still fits and is carried into the final pipeline instead of a reflection stage. Returns the source."""
+    import shutil
+
+    from ..loading import resolve_path
+
+    src = resolve_path(parts)
+    missing = [folder for folder, _ in PARTS if not (src / folder).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"--parts {parts}: {src} has no {', '.join(f'{m}/' for m in missing)} folder")
+    for folder, stage in PARTS:
+        if not (out / stage).is_dir():
+            shutil.copytree(src / folder, out / stage)
+    return src
 
 
 def stage_tokenizer(out: Path, data: Path):
@@ -711,13 +735,28 @@ def learning_curve(out: Path, n: int = 60, tasks: tuple[str, ...] = ("t2i", "edi
     return curve
 
 
-def run(out: Path, budget: str = "cpu", curve: int = 0, reflection: bool = True) -> Path:
+def run(
+    out: Path,
+    budget: str = "cpu",
+    curve: int = 0,
+    reflection: bool = True,
+    parts: str | None = None,
+    precondition_text: bool | None = None,
+) -> Path:
+    """The recipe's stages in order; each skips when its output exists. ``parts`` (a Shapes pipeline) supplies
+    the tokenizer, VAE and MLLM (and the answering adapter) so only the transformer trains (stage_parts);
+    ``precondition_text`` overrides the budget's."""
+    import shutil
+
     from .bundle import assemble
 
     b = BUDGETS[budget]
+    if precondition_text is not None:
+        b = replace(b, precondition_text=precondition_text)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "budget.json").write_text(json.dumps({"budget": budget, **asdict(b)}, indent=2))
+    (out / "budget.json").write_text(json.dumps({"budget": budget, "parts": parts, **asdict(b)}, indent=2))
     data = stage_data(out, b)
+    src = stage_parts(out, parts) if parts else None
     tokenizer = stage_tokenizer(out, data)
     vae = stage_vae(out, b)
     mllm = stage_mllm(out, data, tokenizer, b)
@@ -731,10 +770,17 @@ def run(out: Path, budget: str = "cpu", curve: int = 0, reflection: bool = True)
     logger.info("bundled model written to %s", final)
     if curve:
         learning_curve(out, curve)
-    if b.vision_steps:
+    if b.vision_steps and src is None:  # reused parts keep their tower, which their adapter was trained with
         stage_vision(out, data, tokenizer, b, final)
     if b.chat_steps:
         final = stage_chat(out, data, b, final)
+    if src is not None:
+        from ..loading import REFLECTION_ADAPTER_DIR
+
+        adapter = src / REFLECTION_ADAPTER_DIR
+        if adapter.is_dir() and not (final / REFLECTION_ADAPTER_DIR).is_dir():
+            shutil.copytree(adapter, final / REFLECTION_ADAPTER_DIR)
+        return final
     if reflection:
         final = stage_reflection(out, final, b)
         logger.info("with the reflection adapter: %s", final)
@@ -749,9 +795,28 @@ def main(argv=None) -> int:
         "--curve", type=int, default=0, metavar="N", help="also score every kept checkpoint on N cases per task"
     )
     p.add_argument("--no-reflection", action="store_true", help="stop after the export (no reflection stage)")
+    p.add_argument(
+        "--parts",
+        metavar="MODEL",
+        help="reuse this Shapes pipeline's tokenizer, VAE, MLLM and answering adapter (e.g. builtin:shapes) and "
+        "train only the transformer",
+    )
+    p.add_argument(
+        "--precondition-text",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train the transformer with train.precondition_text (default: the budget's)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run(Path(args.out), args.budget, args.curve, reflection=not args.no_reflection)
+    run(
+        Path(args.out),
+        args.budget,
+        args.curve,
+        reflection=not args.no_reflection,
+        parts=args.parts,
+        precondition_text=args.precondition_text,
+    )
     return 0
 
 
