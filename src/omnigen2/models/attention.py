@@ -166,4 +166,4 @@ def varlen_attention(q, k, v, segs: Segments, backend: str = "auto", q_segs: Seg
         attention(qs[None], ks[None], vs[None], None, backend)[0]  # (n, Hq, D): one sequence, no padding
         for qs, ks, vs in zip(q.split(q_segs.lens), k.split(segs.lens), v.split(segs.lens))
     ]
-    return torch.cat(outs)
+    return torch.cat(outs)  # (T_q, Hq, D)

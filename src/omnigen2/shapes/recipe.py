@@ -31,6 +31,7 @@ import argparse
 import json
 import logging
 import random
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -249,8 +250,6 @@ def stage_parts(out: Path, parts: str) -> Path:
     stages then find their outputs and skip, and only the transformer trains, conditioned on that MLLM. Its vision
     tower is kept as it is (no vision stage), so its answering adapter (``mllm_reflection/``), trained on that
     MLLM, still fits and is carried into the final pipeline instead of a reflection stage. Returns the source."""
-    import shutil
-
     from ..loading import resolve_path
 
     src = resolve_path(parts)
@@ -689,8 +688,6 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
         pipe.reflection_adapter = adapter
         source = out / f"final_reflect_round{i}"
         pipe.save_pretrained(source)
-    import shutil
-
     shutil.copytree(source, target)
     return target
 
@@ -698,7 +695,6 @@ def stage_reflection(out: Path, final: Path, b: Budget, rounds: int = 2) -> Path
 def learning_curve(out: Path, n: int = 60, tasks: tuple[str, ...] = ("t2i", "edit", "ic")) -> list[dict]:
     """ShapesBench (``n`` held-out cases per task) of every kept checkpoint of the transformer run, with the
     EMA weights and the recommended sampling settings; written to OUT/learning_curve.json."""
-    import shutil
     import tempfile
 
     from ..eval.shapesbench import evaluate_model
@@ -746,8 +742,6 @@ def run(
     """The recipe's stages in order; each skips when its output exists. ``parts`` (a Shapes pipeline) supplies
     the tokenizer, VAE and MLLM (and the answering adapter) so only the transformer trains (stage_parts);
     ``precondition_text`` overrides the budget's."""
-    import shutil
-
     from .bundle import assemble
 
     b = BUDGETS[budget]
