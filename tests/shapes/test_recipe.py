@@ -17,7 +17,8 @@ from omnigen2.shapes import recipe, reflection
 
 def test_smoke_recipe_end_to_end(tmp_path, monkeypatch):
     final = recipe.run(tmp_path, "smoke", curve=2)
-    assert final == tmp_path / "final_reflect"
+    assert final == tmp_path / "final_repair"
+    reflected = tmp_path / "final_reflect"
     for stage in (
         "data/mix.yml",
         "tokenizer/tokenizer.json",
@@ -44,6 +45,9 @@ def test_smoke_recipe_end_to_end(tmp_path, monkeypatch):
         "final_reflect_round7/model_index.json",  # dot_steps: dot-rich captions and the cell probe
         "final_reflect_round8/model_index.json",  # resettle_steps: the settling round's drawings again
         "final_reflect_round9/model_index.json",  # count_steps: counting weighted up, the probe's count term on
+        "final_reflect/model_index.json",
+        "data/repair/records.jsonl",  # the repair cycle: the final model's drawings and the judge's fixes
+        "transformer_repair/metrics.jsonl",
     ):
         assert (tmp_path / stage).is_file(), stage
     assert not (tmp_path / "reflection_round5").exists()  # the re-settling and counting rounds draw nothing new
@@ -61,7 +65,16 @@ def test_smoke_recipe_end_to_end(tmp_path, monkeypatch):
     chat_cfg = yaml.safe_load((tmp_path / "chat2_config.yml").read_text())["data"]
     assert chat_cfg["chat_images"] and chat_cfg["generation_prompt_prob"] > 0
     weights = "transformer/diffusion_pytorch_model.safetensors"
-    assert (tmp_path / "final_chat" / weights).read_bytes() == (final / weights).read_bytes()
+    assert (tmp_path / "final_chat" / weights).read_bytes() == (reflected / weights).read_bytes()
+    # The repair cycle trains the transformer last (whitened text projection, its pairs beside the chat mix) and
+    # keeps the MLLM and its answering adapter.
+    repair_cfg = yaml.safe_load((tmp_path / "repair_config.yml").read_text())
+    assert repair_cfg["train"]["precondition_text"] and repair_cfg["model"]["pretrained"] == str(reflected)
+    mix = yaml.safe_load((tmp_path / "data" / "repair.yml").read_text())["data"]
+    assert mix[-1] == {"path": "repair/records.jsonl", "ratio": recipe.BUDGETS["smoke"].repair_share}
+    assert (reflected / weights).read_bytes() != (final / weights).read_bytes()
+    adapter = "mllm_reflection/adapter_model.safetensors"
+    assert (reflected / adapter).read_bytes() == (final / adapter).read_bytes()
     # The final pipeline carries the grown vision tower (the language model is the frozen first one).
     vision = json.loads((final / "mllm" / "config.json").read_text())["vision_config"]
     assert vision["depth"] == recipe.BUDGETS["smoke"].vision_depth
@@ -79,11 +92,11 @@ def test_smoke_recipe_end_to_end(tmp_path, monkeypatch):
 
     # An interrupted adapter stage continues after its last saved cycle: only the last cycle trains again, from the
     # adapter the one before it saved; a final pipeline that carries an adapter already still trains a clean MLLM.
-    shutil.rmtree(final)
+    shutil.rmtree(reflected)
     shutil.rmtree(tmp_path / "final_reflect_round9")
     starts, train = [], reflection.train_reflection_adapter
     monkeypatch.setattr(reflection, "train_reflection_adapter", lambda *a, **k: starts.append(k) or train(*a, **k))
-    assert recipe.stage_reflection(tmp_path, tmp_path / "final_reflect_round1", recipe.BUDGETS["smoke"]) == final
+    assert recipe.stage_reflection(tmp_path, tmp_path / "final_reflect_round1", recipe.BUDGETS["smoke"]) == reflected
     before = load_reflection_adapter(tmp_path / "final_reflect_round8")["state_dict"]
     assert len(starts) == 1 and starts[0]["cell_aux"] == recipe.RESETTLE_AUX  # the counting round keeps the probe
     assert starts[0]["count_aux"] == recipe.COUNT_AUX  # with its count term
@@ -92,7 +105,7 @@ def test_smoke_recipe_end_to_end(tmp_path, monkeypatch):
     # The dot cycles trained the tower's patch embedding and merger too (the LoRA targets of REFLECTION_LORA).
     assert any("patch_embed" in k for k in before) and any("merger" in k for k in before)
     assert all(starts[0]["state_dict"][k].equal(before[k]) for k in before)
-    assert (final / "mllm_reflection" / "adapter_model.safetensors").is_file()
+    assert (reflected / "mllm_reflection" / "adapter_model.safetensors").is_file()
 
 
 def test_recipe_on_reused_parts_trains_only_the_transformer(tmp_path):
@@ -105,7 +118,7 @@ def test_recipe_on_reused_parts_trains_only_the_transformer(tmp_path):
 
     src = resolve_path("builtin:shapes")
     final = recipe.run(tmp_path, "smoke", parts="builtin:shapes", precondition_text=True)
-    assert final == tmp_path / "final_chat"
+    assert final == tmp_path / "final_repair"  # the chat phase, then the repair cycle
     for rel in ("mllm/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
         new, old = load_file(final / rel), load_file(src / rel)
         assert new.keys() == old.keys() and all(new[k].equal(old[k]) for k in old), rel

@@ -12,7 +12,14 @@ import PIL.Image
 import pytest
 
 from omnigen2.shapes import judge
-from omnigen2.shapes.reflection import KINDS, PREFERENCE, candidate_edits, diagnose, reflection_records
+from omnigen2.shapes.reflection import (
+    KINDS,
+    PREFERENCE,
+    candidate_edits,
+    diagnose,
+    reflection_records,
+    repair_records,
+)
 from omnigen2.shapes.render import render
 from omnigen2.shapes.tasks import (
     IMAGE_TASKS,
@@ -201,3 +208,38 @@ def test_reflection_records_judge_every_image_a_generator_returns(tmp_path):
         assert first["answer"] == expected[case.name] and second["answer"] == MATCHES
         assert second["input_images"] == first["input_images"]  # the inputs are written once per case
         assert all((tmp_path / p).is_file() for p in (first["image"], second["image"], *first["input_images"]))
+
+
+def test_repair_records_teach_the_judges_fix_of_each_wrong_output(tmp_path):
+    """Each wrong output the judge can repair with one edit becomes an edit record: that output as the input, the
+    fix as the instruction, the read scene with the fix applied as the target, which then passes the case; right
+    outputs and unreadable ones give none."""
+    n = 12
+    case_list = [c for t in IMAGE_TASKS for c in cases(t, n, split="train", start=50)]
+    oracle, expected = _oracle_like(case_list)
+    blank = {c.name for c in case_list[1::6]}  # every sixth case, starting from a wrong one: unreadable noise
+    noise = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    names = {(c.prompt, tuple(im.tobytes() for im in c.input_images())): c.name for c in case_list}
+
+    def generate(prompt, inputs, g):
+        image = oracle(prompt, inputs, g)
+        return noise if names[prompt, tuple(im.tobytes() for im in inputs)] in blank else image
+
+    summary = repair_records(generate, n, tmp_path, start=50, tasks=IMAGE_TASKS, progress=False)
+    wrong = [c for c in case_list if expected[c.name] != MATCHES and c.name not in blank]
+    assert summary.kinds["match"] == len(case_list) // 2 and summary.kinds["unreadable"] == len(blank)
+    assert summary.records == summary.kinds["mismatch"] == len(wrong) > 0
+    records = [json.loads(line) for line in summary.file.read_text().splitlines()]
+    by_name = {c.name: c for c in case_list}
+    for r in records:
+        case = by_name[f"{r['task']}/{r['case_category']}/{r['seed']}"]
+        assert r["task_type"] == "edit" and r["kind"] == "mismatch"
+        assert r["category"] == f"repair-{Edit.parse(r['instruction']).kind}"
+        drawn = PIL.Image.open(tmp_path / r["input_images"][0])
+        assert judge.check(case, drawn, case.input_images()).passed is False
+        target = PIL.Image.open(tmp_path / r["output_image"])
+        assert judge.check(case, target, case.input_images()).passed, (case.name, r["instruction"])
+    assert {r["seed"] for r in records} == {c.seed for c in wrong}
+
+    with pytest.raises(ValueError, match="understanding"):
+        repair_records(generate, 1, tmp_path, tasks=("understanding",))

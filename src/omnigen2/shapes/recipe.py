@@ -23,6 +23,8 @@ Stages (each skipped when its output exists, so an interrupted run continues):
                   their images to the final MLLM, as a chat turn conditions its drawing
  10. reflection   the answering LoRA adapter (understanding and judging), on understanding questions and the
                   model's own images labelled by the judge (skipped with --no-reflection)
+ 11. repair       (repair_steps) a last transformer cycle that also learns the judge's fixes of the final
+                  model's own drawings: what a reflection asks of the editing path
 """
 
 from __future__ import annotations
@@ -103,6 +105,14 @@ class Budget:
     # preconditioned run follows the prompt several times more after phase 1 (docs/BENCHMARKS.md, "The colours the
     # conditioning hides").
     precondition_text: bool = False
+    # The repair cycle, last (0 steps: none): the final model draws ``repair_cases`` training text-to-image
+    # prompts in chat turns, the judge reads each drawing and names the edit that repairs it, and the transformer
+    # learns those edits from its own drawings (``repair_share`` of the batch, the chat phase's mix otherwise):
+    # a reflection's repair edits the model's drawing, while the editing data shows it rendered scenes only.
+    repair_cases: int = 0
+    repair_steps: int = 0
+    repair_lr: float = 2e-4
+    repair_share: float = 0.25
 
 
 BUDGETS = {
@@ -129,20 +139,26 @@ BUDGETS = {
         extra_per_task=8,
         extra_steps=(2, 2, 2),
         chat_steps=(2, 2),
+        repair_cases=8,
+        repair_steps=2,
     ),
     # Measured on 2 cores (docs/BENCHMARKS.md): VAE 41 min, MLLM 36 min, transformer ~0.35 s/step in phase 1 and
     # ~0.5 s/step in phase 2 at batch 16 (2.8M parameters): ~2 h 20 min in all, and far from converged.
     "cpu": Budget(10000, 6000, 2000, 16, 4000, 32, 4500, 16, t2i_steps=2500, precondition_text=True),
     # One lent-GPU call (scripts/shapes_gpu.sh carries the CPU-trained tokenizer, VAE and MLLM, so only the data
     # and the transformer run there); the steps are a guess until timed on the device.
-    "gpu": Budget(30000, 30000, 6000, 64, 6000, 64, 8000, 64, 1e-3, t2i_steps=3000, precondition_text=True),
+    "gpu": replace(
+        Budget(30000, 30000, 6000, 64, 6000, 64, 8000, 64, 1e-3, t2i_steps=3000, precondition_text=True),
+        repair_cases=6000,
+        repair_steps=2000,
+    ),
 }
 # The shipped model: the CPU recipe, then phases 3 to 8 of the transformer on 60k fresh cases (9000 + 7000 + 7000 +
 # 6000 + 5500 + 5500 steps), the grown vision tower, the chat phase (3000 steps; a second cycle lowered the pipeline's
 # scores and not the chat's: docs/BENCHMARKS.md) and an answering adapter trained on 36k understanding cases
 # besides reflection, with two further cycles, two late rounds on the final model's drawings, three cycles on
-# understanding alone, a settling round, two dot cycles, two re-settling rounds and three counting rounds (~18 h on
-# 2 cores).
+# understanding alone, a settling round, two dot cycles, two re-settling rounds and three counting rounds, and last
+# the repair cycle on 6000 of its own drawings (2000 steps; ~18 h on 2 cores).
 BUDGETS["cpu-long"] = replace(
     BUDGETS["cpu"],
     extra_per_task=15000,
@@ -157,6 +173,8 @@ BUDGETS["cpu-long"] = replace(
     dot_steps=((1500, 1.0), (2000, 0.5)),
     resettle_steps=(2000, 3000),
     count_steps=(2000, 2000, 2000),
+    repair_cases=6000,
+    repair_steps=2000,
     precondition_text=False,  # the shipped transformer was trained before the option existed
 )
 EXTRA_SEED_OFFSET = 10**6  # phase 3's training seeds (the first data stage uses those from 0)
@@ -168,8 +186,8 @@ SAMPLING = {
     "height": 64,
     "width": 64,
     # Reflection draws each repair 8 times and keeps the one the MLLM judges best (OmniGen2ChatPipeline.reflect):
-    # with one, three repairs gained +0.043 on held-out text-to-image, with 8 +0.077 (+0.064 over four noise seeds,
-    # keeping the best-scored match; docs/BENCHMARKS.md).
+    # with one, three repairs gained +0.043 on held-out text-to-image, with 8 +0.064 over four noise seeds (keeping
+    # the best-scored match), and +0.079 after the repair cycle (docs/BENCHMARKS.md).
     "reflect_candidates": 8,
 }
 
@@ -540,6 +558,42 @@ def stage_chat(out: Path, data: Path, b: Budget, final: Path) -> Path:
     return target
 
 
+REPAIR_SEED = 3 * 10**7  # the repair cycle's training prompts (seeds from here, clear of the other stages')
+
+
+def stage_repair(out: Path, data: Path, b: Budget, final: Path) -> Path:
+    """The repair cycle (``repair_steps``): editing examples made of FINAL's own chat drawings of training
+    prompts, each with the judge's one-edit fix and the fixed scene rendered as the target
+    (:func:`reflection.repair_records`), a ``repair_share`` of the batch beside the chat phase's mix, one cosine
+    cycle from FINAL's transformer. The MLLM, its answering adapter and the VAE stay as they are. Writes
+    OUT/final_repair."""
+    from ..eval.shapesbench import chat_generate
+    from ..pipelines import OmniGen2ChatPipeline
+    from .reflection import repair_records
+
+    target = out / "final_repair"
+    if (target / "model_index.json").is_file():
+        return target
+    pairs = data / "repair"
+    if not (pairs / "records.jsonl").is_file():
+        chat = OmniGen2ChatPipeline.from_pretrained(final)
+        chat.set_progress_bar_config(disable=True)
+        draw = chat_generate(chat, force_draw=True)
+        summary = repair_records(lambda p, i, g: draw(p, i, g).value, b.repair_cases, pairs, start=REPAIR_SEED)
+        logger.info("repair data: %d records; drawings %s; fixes %s", summary.records, summary.kinds, summary.fixes)
+    shares = [(f"{src}/records.jsonl", r * (1 - b.repair_share)) for src, r in MORE_MIX]
+    mix = [{"path": path, "ratio": r} for path, r in [*shares, ("repair/records.jsonl", b.repair_share)]]
+    (data / "repair.yml").write_text(yaml.safe_dump({"data": mix}, sort_keys=False))
+    run = out / "transformer_repair"
+    cfg = _transformer_config(final, data / "repair.yml", run, b, b.repair_steps, "cosine")
+    # The whitened caption projection whatever the budget's setting (it changes how training steps, not what the
+    # model computes): the fixes are mostly recolourings, told apart by colour words the states barely separate.
+    cfg["train"].update(lr=b.repair_lr, warmup_steps=min(100, b.repair_steps // 10), precondition_text=True)
+    cfg["data"].update(generation_prompt_prob=0.5, chat_images=True)
+    _train(cfg, out / "repair_config.yml")
+    return _handoff(run, target)
+
+
 def _handoff(run: Path, pipeline: Path) -> Path:
     """A finished phase's EMA weights as a pipeline directory, where the next phase starts (exported once)."""
     from ..training import export
@@ -774,10 +828,14 @@ def run(
         adapter = src / REFLECTION_ADAPTER_DIR
         if adapter.is_dir() and not (final / REFLECTION_ADAPTER_DIR).is_dir():
             shutil.copytree(adapter, final / REFLECTION_ADAPTER_DIR)
-        return final
-    if reflection:
+    elif reflection:
         final = stage_reflection(out, final, b)
         logger.info("with the reflection adapter: %s", final)
+    else:
+        return final
+    if b.repair_steps:
+        final = stage_repair(out, data, b, final)
+        logger.info("after the repair cycle: %s", final)
     return final
 
 

@@ -4,7 +4,9 @@ OmniGen2 builds its reflection data by generating images with the model itself, 
 each output follows the instruction and, when not, what is wrong and how to fix it. Here the ShapesBench judge
 plays the VLM: :func:`diagnose` reads an output back into a scene and, when the case's target fails, searches the
 editing grammar for a fix; :func:`reflection_records` runs a generator on training cases and writes the
-diagnoses as understanding-format records next to the generated images.
+diagnoses as understanding-format records next to the generated images; :func:`repair_records` turns the same
+diagnoses into editing examples for the transformer (the output as the input image, the fix as the instruction,
+the fixed scene as the target), so that the editing path learns the repairs a reflection asks of it.
 
 The fix search. The candidate edits of a scene are listed in a fixed preference order — by kind
 (:data:`PREFERENCE`: recolor, reshape, move, remove, add, background), then by object in reading order, then by
@@ -248,6 +250,69 @@ def reflection_records(
             )
             if d.edit is not None:
                 fixes[d.edit.kind] += 1
+    _write_jsonl(summary.file, records)
+    summary.records = len(records)
+    summary.kinds = {k: counts[k] for k in KINDS}
+    summary.fixes = {k: fixes[k] for k in PREFERENCE}
+    summary.tasks = {t: {k: c[k] for k in KINDS} for t, c in per_task.items()}
+    return summary
+
+
+def repair_records(
+    generate: Generate,
+    n: int,
+    out_dir: str | os.PathLike,
+    split: str = "train",
+    start: int = 0,
+    tasks: Sequence[str] = ("t2i",),
+    progress: bool = True,
+    seed: int = 0,
+) -> ReflectionSummary:
+    """Editing examples for the transformer from the model's own outputs: what a reflection asks of the editing
+    path. Each output of ``generate`` (n cases per image task, seeds >= ``start`` of ``split``) the judge can
+    repair or start repairing with one edit (a ``mismatch`` or ``partial`` diagnosis) becomes an edit record
+    whose input is that output, whose instruction is the fix, and whose target is the scene the judge read from
+    the output with the fix applied, rendered (``out_dir/records.jsonl``, the training data format, images under
+    ``out_dir/images/``). The transformer's editing data otherwise shows it rendered scenes only, never its own
+    drawings, which are what a reflection's repair starts from."""
+    from .render import render
+
+    bad = [t for t in tasks if t not in IMAGE_TASKS]
+    if bad:
+        raise ValueError(f"repair records come from image tasks ({', '.join(IMAGE_TASKS)}), not {bad}")
+    root = Path(out_dir)
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    summary = ReflectionSummary(root, root / "records.jsonl")
+    records, counts, fixes = [], Counter(), Counter()
+    per_task = {task: Counter() for task in tasks}
+    case_list = [c for t in tasks for c in cases(t, n, split=split, start=start)]
+    for case in tqdm(case_list, desc="repair records", disable=not progress):
+        g = torch.Generator().manual_seed(stable_hash("repair-records", seed, case.name) % 2**63)
+        output = generate(case.prompt, case.input_images(), g)
+        d = diagnose(case, output)
+        counts[d.kind] += 1
+        per_task[case.task][d.kind] += 1
+        after = None if d.edit is None else _applied(d.edit, d.scene)
+        if after is None:
+            continue
+        stem = _stem(case)
+        output.convert("RGB").save(images_dir / f"{stem}_in0.png")
+        render(after, stable_hash(case.name, "repair-target")).save(images_dir / f"{stem}_out.png")
+        records.append(
+            {
+                "task_type": "edit",
+                "instruction": d.edit.prompt(),
+                "input_images": [f"images/{stem}_in0.png"],
+                "output_image": f"images/{stem}_out.png",
+                "category": f"repair-{d.edit.kind}",
+                "seed": case.seed,
+                "task": case.task,
+                "case_category": case.category,
+                "kind": d.kind,
+            }
+        )
+        fixes[d.edit.kind] += 1
     _write_jsonl(summary.file, records)
     summary.records = len(records)
     summary.kinds = {k: counts[k] for k in KINDS}
