@@ -184,6 +184,44 @@ def _stem(case: Case) -> str:
     return f"{case.task}_{case.category.replace(' ', '_')}_{case.seed}"
 
 
+def _image_tasks(tasks: Sequence[str], what: str) -> None:
+    bad = [t for t in tasks if t not in IMAGE_TASKS]
+    if bad:
+        raise ValueError(f"{what} come from image tasks ({', '.join(IMAGE_TASKS)}), not {bad}")
+
+
+def _judged_outputs(generate: Generate, n, split, start, tasks, progress, seed, tag, summary: ReflectionSummary):
+    """(case, inputs, k, several, output, diagnosis) for every output ``generate`` gives on n cases per task
+    (a torch generator seeded from ``(tag, seed, case)``), every diagnosis counted into ``summary``."""
+    counts, per_task = Counter(), {task: Counter() for task in tasks}
+    case_list = [c for task in tasks for c in cases(task, n, split=split, start=start)]
+    for case in tqdm(case_list, desc=tag, disable=not progress):
+        inputs = case.input_images()
+        g = torch.Generator().manual_seed(stable_hash(tag, seed, case.name) % 2**63)
+        outputs = generate(case.prompt, inputs, g)
+        several = isinstance(outputs, list)
+        for k, output in enumerate(outputs if several else [outputs]):
+            d = diagnose(case, output)
+            counts[d.kind] += 1
+            per_task[case.task][d.kind] += 1
+            yield case, inputs, k, several, output, d
+    summary.kinds = {k: counts[k] for k in KINDS}
+    summary.tasks = {t: {k: c[k] for k in KINDS} for t, c in per_task.items()}
+
+
+def _written(summary: ReflectionSummary, records: list[dict], fixes: Counter) -> ReflectionSummary:
+    _write_jsonl(summary.file, records)
+    summary.records = len(records)
+    summary.fixes = {k: fixes[k] for k in PREFERENCE}
+    return summary
+
+
+def _start(out_dir) -> tuple[Path, ReflectionSummary]:
+    root = Path(out_dir)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    return root, ReflectionSummary(root, root / "records.jsonl")
+
+
 def reflection_records(
     generate: Generate,
     n: int,
@@ -204,69 +242,50 @@ def reflection_records(
     instruction of an edit refers to them). ``generate`` is called as ShapesBench calls it, with a torch
     generator seeded from ``(seed, case)``; when it returns a list of images (a reflection's candidate repairs),
     each is judged and written (``images/{case}_out{k}.png``)."""
-    bad = [t for t in tasks if t not in IMAGE_TASKS]
-    if bad:
-        raise ValueError(f"reflection records judge image tasks ({', '.join(IMAGE_TASKS)}), not {bad}")
+    _image_tasks(tasks, "reflection records")
     if unknown := set(kinds) - set(WRITTEN):
         raise ValueError(f"only {', '.join(WRITTEN)} diagnoses have an answer to write, not {sorted(unknown)}")
-    root = Path(out_dir)
-    images_dir = root / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    summary = ReflectionSummary(root, root / "records.jsonl")
-    case_list = [c for task in tasks for c in cases(task, n, split=split, start=start)]
-    records, counts, fixes = [], Counter(), Counter()
-    per_task = {task: Counter() for task in tasks}
-    for case in tqdm(case_list, desc="reflection records", disable=not progress):
-        inputs = case.input_images()
-        g = torch.Generator().manual_seed(stable_hash("reflection-records", seed, case.name) % 2**63)
-        outputs = generate(case.prompt, inputs, g)
-        several = isinstance(outputs, list)
-        stem, input_paths = _stem(case), None
-        for j, output in enumerate(outputs if several else [outputs]):
-            d = diagnose(case, output)
-            counts[d.kind] += 1
-            per_task[case.task][d.kind] += 1
-            if d.kind not in kinds:
-                continue
-            name = f"images/{stem}_out{j if several else ''}.png"
-            output.convert("RGB").save(root / name)
-            if input_paths is None:  # the inputs once per case, with its first written output
-                input_paths = []
-                for k, im in enumerate(inputs):
-                    im.save(images_dir / f"{stem}_in{k}.png")
-                    input_paths.append(f"images/{stem}_in{k}.png")
-            records.append(
-                {
-                    "image": name,
-                    "question": REFLECT_QUESTION.format(instruction=case.prompt),
-                    "answer": d.answer,
-                    "instruction": case.prompt,
-                    "category": f"model-{d.kind}",
-                    "seed": case.seed,
-                    "task": case.task,
-                    "case_category": case.category,
-                    "input_images": input_paths,
-                }
-            )
-            if d.edit is not None:
-                fixes[d.edit.kind] += 1
-    _write_jsonl(summary.file, records)
-    summary.records = len(records)
-    summary.kinds = {k: counts[k] for k in KINDS}
-    summary.fixes = {k: fixes[k] for k in PREFERENCE}
-    summary.tasks = {t: {k: c[k] for k in KINDS} for t, c in per_task.items()}
-    return summary
+    root, summary = _start(out_dir)
+    records, fixes, saved = [], Counter(), {}  # saved: case name -> its input paths, written once
+    outputs = _judged_outputs(generate, n, split, start, tasks, progress, seed, "reflection-records", summary)
+    for case, inputs, k, several, output, d in outputs:
+        if d.kind not in kinds:
+            continue
+        stem = _stem(case)
+        name = f"images/{stem}_out{k if several else ''}.png"
+        output.convert("RGB").save(root / name)
+        if case.name not in saved:  # the inputs once per case, with its first written output
+            saved[case.name] = [f"images/{stem}_in{i}.png" for i in range(len(inputs))]
+            for im, path in zip(inputs, saved[case.name], strict=True):
+                im.save(root / path)
+        records.append(
+            {
+                "image": name,
+                "question": REFLECT_QUESTION.format(instruction=case.prompt),
+                "answer": d.answer,
+                "instruction": case.prompt,
+                "category": f"model-{d.kind}",
+                "seed": case.seed,
+                "task": case.task,
+                "case_category": case.category,
+                "input_images": saved[case.name],
+            }
+        )
+        if d.edit is not None:
+            fixes[d.edit.kind] += 1
+    return _written(summary, records, fixes)
 
 
 def repair_records(
     generate: Generate,
     n: int,
     out_dir: str | os.PathLike,
-    split: str = "train",
-    start: int = 0,
-    tasks: Sequence[str] = ("t2i",),
-    progress: bool = True,
-    seed: int = 0,
+    *,
+    split="train",
+    start=0,
+    tasks=("t2i",),
+    progress=True,
+    seed=0,
 ) -> ReflectionSummary:
     """Editing examples for the transformer from the model's own outputs: what a reflection asks of the editing
     path. Each output of ``generate`` (n cases per image task, seeds >= ``start`` of ``split``) the judge can
@@ -277,28 +296,18 @@ def repair_records(
     drawings, which are what a reflection's repair starts from."""
     from .render import render
 
-    bad = [t for t in tasks if t not in IMAGE_TASKS]
-    if bad:
-        raise ValueError(f"repair records come from image tasks ({', '.join(IMAGE_TASKS)}), not {bad}")
-    root = Path(out_dir)
-    images_dir = root / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    summary = ReflectionSummary(root, root / "records.jsonl")
-    records, counts, fixes = [], Counter(), Counter()
-    per_task = {task: Counter() for task in tasks}
-    case_list = [c for t in tasks for c in cases(t, n, split=split, start=start)]
-    for case in tqdm(case_list, desc="repair records", disable=not progress):
-        g = torch.Generator().manual_seed(stable_hash("repair-records", seed, case.name) % 2**63)
-        output = generate(case.prompt, case.input_images(), g)
-        d = diagnose(case, output)
-        counts[d.kind] += 1
-        per_task[case.task][d.kind] += 1
+    _image_tasks(tasks, "repair records")
+    root, summary = _start(out_dir)
+    records, fixes = [], Counter()
+    for case, _, k, several, output, d in _judged_outputs(
+        generate, n, split, start, tasks, progress, seed, "repair-records", summary
+    ):
         after = None if d.edit is None else _applied(d.edit, d.scene)
         if after is None:
             continue
-        stem = _stem(case)
-        output.convert("RGB").save(images_dir / f"{stem}_in0.png")
-        render(after, stable_hash(case.name, "repair-target")).save(images_dir / f"{stem}_out.png")
+        stem = f"{_stem(case)}{k if several else ''}"
+        output.convert("RGB").save(root / f"images/{stem}_in0.png")
+        render(after, stable_hash(case.name, "repair-target", k)).save(root / f"images/{stem}_out.png")
         records.append(
             {
                 "task_type": "edit",
@@ -313,12 +322,7 @@ def repair_records(
             }
         )
         fixes[d.edit.kind] += 1
-    _write_jsonl(summary.file, records)
-    summary.records = len(records)
-    summary.kinds = {k: counts[k] for k in KINDS}
-    summary.fixes = {k: fixes[k] for k in PREFERENCE}
-    summary.tasks = {t: {k: c[k] for k in KINDS} for t, c in per_task.items()}
-    return summary
+    return _written(summary, records, fixes)
 
 
 # -- the reflection adapter ---------------------------------------------------------------------------------------
