@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..shapes import judge
-from ..shapes.tasks import Case, cases, stable_hash
+from ..shapes.tasks import Case, cases
 from . import shapesbench as sb
 
 POLICIES = ("none", "last", "accepted", "oracle")
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
 
     for case in tqdm([c for t in tasks for c in cases(t, args.n, split=args.split)], desc="trace"):
         # The generator ShapesBench seeds for this case, so "none" and "accepted" are `eval shapes --reflect`.
-        g = torch.Generator().manual_seed(stable_hash("shapesbench", args.seed, case.name) % 2**63)
+        g = sb.case_generator(args.seed, case)
         traces.append(trace(chat, case, g, args.repairs, reflect_candidates=args.candidates))
         if sink:
             sink.write(json.dumps(traces[-1]) + "\n")

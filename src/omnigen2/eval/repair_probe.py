@@ -50,8 +50,7 @@ def one_edit_repairs(chat, n: int, seed: int = 0) -> list[Repair]:
     repairs with one edit, with that edit."""
     out, draw = [], sb.chat_generate(chat, force_draw=True)
     for case in cases("t2i", n, split="eval"):
-        g = torch.Generator().manual_seed(stable_hash("shapesbench", seed, case.name) % 2**63)
-        drawing = draw(case.prompt, [], g).value
+        drawing = draw(case.prompt, [], sb.case_generator(seed, case)).value
         d = diagnose(case, drawing)
         if d.kind == "mismatch":
             out.append(Repair(case, drawing, d.edit))

@@ -385,6 +385,12 @@ def select_categories(case_list: Sequence[Case], tasks: Sequence[str], categorie
     return kept
 
 
+def case_generator(seed: int, case: Case) -> torch.Generator:
+    """The noise ShapesBench draws ``case`` with under ``seed``: every tool that redraws a benchmark case (the
+    reflection trace, the repair probe) seeds it the same way, so its drawings are the benchmark's."""
+    return torch.Generator().manual_seed(stable_hash("shapesbench", seed, case.name) % 2**63)
+
+
 def _show(shown: dict, case: Case, per_category: int) -> bool:
     """Whether a case goes into the sample grid: the first ``per_category`` of each category."""
     key = (case.task, case.category)
@@ -440,8 +446,7 @@ def run(
             output = answer_fn(inputs[0], case.prompt)
             v = judge.check(case, output)
         else:
-            g = torch.Generator().manual_seed(stable_hash("shapesbench", seed, case.name) % 2**63)
-            made = generate(case.prompt, inputs, g)
+            made = generate(case.prompt, inputs, case_generator(seed, case))
             v = _judge_image(case, made, inputs)
             output = made.value if isinstance(made, Output) else made
         results.append(CaseResult(case.task, case.category, case.seed, case.prompt, v.passed, v.reason, v.details))

@@ -540,6 +540,11 @@ def extra_phase(out: Path, data: Path, b: Budget, phase: int, steps: int, init: 
     return out / run
 
 
+# The chat phase's data settings (and the repair cycle's after it): half the texts in the chat form, whose edit and
+# in-context samples show their images to the MLLM as a chat turn does.
+CHAT_DATA = {"generation_prompt_prob": 0.5, "chat_images": True}
+
+
 def stage_chat(out: Path, data: Path, b: Budget, final: Path) -> Path:
     """The chat phase (``chat_steps``): the transformer learns the conditioning of a chat turn that shows the
     MLLM its input images, from FINAL (after the vision stage, whose tower those images pass through); a
@@ -552,7 +557,7 @@ def stage_chat(out: Path, data: Path, b: Budget, final: Path) -> Path:
             run = out / f"transformer_chat{k if k > 1 else ''}"
             cfg = _transformer_config(init, data / PHASES[2][1], run, b, steps, "cosine")
             cfg["train"].update(lr=b.extra_lr, warmup_steps=min(200, steps // 10))
-            cfg["data"].update(generation_prompt_prob=0.5, chat_images=True)
+            cfg["data"].update(CHAT_DATA)
             _train(cfg, out / f"chat{k}_config.yml")
             init = _handoff(run, target if k == len(b.chat_steps) else out / f"chat{k}_pipeline")
     return target
@@ -581,15 +586,15 @@ def stage_repair(out: Path, data: Path, b: Budget, final: Path) -> Path:
         draw = chat_generate(chat, force_draw=True)
         summary = repair_records(lambda p, i, g: draw(p, i, g).value, b.repair_cases, pairs, start=REPAIR_SEED)
         logger.info("repair data: %d records; drawings %s; fixes %s", summary.records, summary.kinds, summary.fixes)
-    shares = [(f"{src}/records.jsonl", r * (1 - b.repair_share)) for src, r in MORE_MIX]
-    mix = [{"path": path, "ratio": r} for path, r in [*shares, ("repair/records.jsonl", b.repair_share)]]
+    mix = [{"path": f"{src}/records.jsonl", "ratio": r * (1 - b.repair_share)} for src, r in MORE_MIX]
+    mix.append({"path": "repair/records.jsonl", "ratio": b.repair_share})
     (data / "repair.yml").write_text(yaml.safe_dump({"data": mix}, sort_keys=False))
     run = out / "transformer_repair"
     cfg = _transformer_config(final, data / "repair.yml", run, b, b.repair_steps, "cosine")
     # The whitened caption projection whatever the budget's setting (it changes how training steps, not what the
     # model computes): the fixes are mostly recolourings, told apart by colour words the states barely separate.
     cfg["train"].update(lr=b.repair_lr, warmup_steps=min(100, b.repair_steps // 10), precondition_text=True)
-    cfg["data"].update(generation_prompt_prob=0.5, chat_images=True)
+    cfg["data"].update(CHAT_DATA)
     _train(cfg, out / "repair_config.yml")
     return _handoff(run, target)
 

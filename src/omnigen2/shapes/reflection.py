@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from . import judge
 from .dataset import _write_jsonl
+from .render import render
 from .tasks import (
     COLORS,
     IMAGE_TASKS,
@@ -294,8 +295,6 @@ def repair_records(
     the output with the fix applied, rendered (``out_dir/records.jsonl``, the training data format, images under
     ``out_dir/images/``). The transformer's editing data otherwise shows it rendered scenes only, never its own
     drawings, which are what a reflection's repair starts from."""
-    from .render import render
-
     _image_tasks(tasks, "repair records")
     root, summary = _start(out_dir)
     records, fixes = [], Counter()
