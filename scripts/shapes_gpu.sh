@@ -5,8 +5,8 @@
 #   run(command="bash scripts/shapes_gpu.sh", carry=[".device"], timeout_s=580)
 # Prepare on the development machine (the device reaches no package index):
 #   pip download diffusers==0.42.1 accelerate==1.15.0 peft==0.21.2 --no-deps -d .device/wheels
-# The exported pipeline comes back under $OUT/final (about 20 MB); copy it to src/omnigen2/builtin/shapes after
-# checking it with `omnigen2 eval shapes --model <it> --n 300`.
+# The recipe's result (the folder its result.txt names) comes back under $OUT/final (about 20 MB); copy it to
+# src/omnigen2/builtin/shapes after checking it with `omnigen2 eval shapes --model <it> --n 300`.
 set -uo pipefail
 OUT=${OUT:-/tmp/omnigen2_out}
 RUN=/tmp/shapes_run
@@ -18,4 +18,4 @@ start=$(date +%s)
 python3 -m omnigen2.shapes.recipe --budget gpu --parts builtin:shapes --out "$RUN" 2>&1 | grep -v "it/s\]" | tail -40 | tee "$OUT/recipe.txt"
 echo "recipe wall: $(( $(date +%s) - start )) s" | tee -a "$OUT/recipe.txt"
 cp "$RUN"/transformer_run/metrics.jsonl "$OUT/" 2>/dev/null
-cp -r "$RUN/final" "$OUT/final"
+cp -r "$RUN/$(cat "$RUN/result.txt")" "$OUT/final"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
-from omnigen2.cli import main
+from omnigen2.cli import build_parser, main
 
 BASE = ["--height", "64", "--width", "64", "--steps", "2"]
 
@@ -123,3 +126,71 @@ def test_errors_are_reported(official_tiny, tmp_path, capsys):
 def test_console_script_runs():
     r = subprocess.run([sys.executable, "-m", "omnigen2.cli", "--help"], capture_output=True, text=True, check=False)
     assert r.returncode == 0 and "generate" in r.stdout
+
+
+HEAVY = ("torch", "diffusers", "transformers", "omnigen2.pipelines", "omnigen2.models")
+
+
+def test_cli_import_and_help_stay_light():
+    """`import omnigen2.cli` and every --help load none of the heavy modules: torch, diffusers and
+    transformers wait for a command that needs them."""
+    code = (
+        "import sys, contextlib, io\n"
+        "import omnigen2.cli as cli\n"
+        f"heavy = {HEAVY!r}\n"
+        "loaded = [m for m in heavy if m in sys.modules]\n"
+        "for cmd in ([], ['generate'], ['chat'], ['bench'], ['train'], ['export'], ['eval', 'shapes']):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        cli.main([*cmd, '--help'])\n"
+        "print(loaded, [m for m in heavy if m in sys.modules])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[] []", r.stdout + r.stderr
+
+
+def test_public_names_load_on_first_use():
+    code = (
+        "import sys, omnigen2\n"
+        "assert 'torch' not in sys.modules\n"
+        "from omnigen2 import OmniGen2ChatPipeline, OmniGen2Pipeline, OmniGen2Transformer2DModel\n"
+        "print(OmniGen2Pipeline.__module__, OmniGen2ChatPipeline.__module__, OmniGen2Transformer2DModel.__name__)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.split() == [
+        "omnigen2.pipelines.pipeline_omnigen2",
+        "omnigen2.pipelines.pipeline_chat",
+        "OmniGen2Transformer2DModel",
+    ]
+    import omnigen2
+
+    with pytest.raises(AttributeError, match="no attribute 'OmniGen3'"):
+        omnigen2.OmniGen3  # noqa: B018
+
+
+def _subparser(*cmd) -> argparse.ArgumentParser:
+    parser = build_parser()
+    for name in cmd:  # walk down to the subcommand's parser
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return parser
+
+
+def _help_entries(*cmd) -> dict[str, str]:
+    """Each option's entry in the printed help, on one line, keyed by its last flag."""
+    options = _subparser(*cmd).format_help().split("\noptions:\n", 1)[1]
+    entries = re.split(r"\n(?=  -)", "\n" + options)[1:]  # an entry starts at a line "  -x ..., --flag ..."
+    return {re.findall(r"--?[\w-]+", e.split("  ", 2)[1])[-1]: " ".join(e.split()) for e in entries}
+
+
+@pytest.mark.parametrize("cmd", [("generate",), ("chat",), ("bench",), ("train",), ("export",), ("eval", "shapes")])
+def test_help_shows_every_default(cmd):
+    """Every option that is not a switch or required says its default."""
+    entries = _help_entries(*cmd)
+    for action in _subparser(*cmd)._actions:
+        if not action.option_strings or action.nargs == 0 or action.required:
+            continue  # positionals, switches (--flag, -h), required options
+        assert "default" in entries[action.option_strings[-1]], (cmd, entries[action.option_strings[-1]])
+
+
+def test_help_names_the_output_defaults():
+    assert _help_entries("generate")["--output"].endswith("(default: omnigen2.png)")
+    assert _help_entries("eval", "shapes")["--out"].endswith("(default: shapesbench)")

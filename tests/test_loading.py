@@ -107,7 +107,8 @@ def test_fixture_loads_by_class_name_without_importing_checkpoint_modules(checkp
         assert torch.equal(pipe.vae.state_dict()[k], v), k
     for comp in MODEL_FOLDERS:
         assert not getattr(pipe, comp).training, comp
-    assert pipe.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    chat = pipe.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    assert chat == "<|im_start|>user\nx<|im_end|>\n"  # the checkpoint's template, not a default one
 
 
 def test_code_placed_in_checkpoint_is_never_executed(ckpt_copy, tmp_path, monkeypatch):

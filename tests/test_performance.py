@@ -81,7 +81,8 @@ def test_int8_linear_error_is_bounded():
 
 
 def test_int8_pipeline_error_on_fixture(tiny_pipe, official_tiny):
-    """Measured on the fixtures: ~3e-3 max / ~5e-4 mean absolute error (tiny random weights, see BENCHMARKS.md)."""
+    """Measured on the fixtures: ~3e-3 max / ~5e-4 mean absolute error (tiny random weights, see docs/BENCHMARKS.md,
+    "Parity with the original")."""
     case = next(c for c in CASES if c["name"] == "edit_one")
     pipe = copy.copy(tiny_pipe)
     pipe.transformer = quantize_transformer(copy.deepcopy(tiny_pipe.transformer), "int8", backend="torch")
@@ -137,3 +138,21 @@ def test_bench_runs_on_tiny_and_records(tmp_path, capsys):
     record_markdown(result, md, "second")
     dated = [line for line in md.read_text().splitlines() if re.match(r"\| \d{4}-\d{2}-\d{2} ", line)]
     assert len(dated) == 2  # two dated rows in the Inference table
+
+
+def test_bench_of_a_model_is_text_only_unless_asked(official_tiny, monkeypatch, capsys):
+    """`bench --model M` times the prompt alone; input images only with --num-images."""
+    seen = []
+    call = OmniGen2Pipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("input_images"))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(OmniGen2Pipeline, "__call__", spy)
+    args = ["bench", "--model", str(official_tiny / "checkpoint"), "--height", "64", "--width", "64", "--steps", "1",
+            "--repeats", "1", "--warmup", "0"]  # fmt: skip
+    assert main(args) == 0
+    assert seen == [None] and "0 input image(s)" in capsys.readouterr().out
+    assert main([*args, "--num-images", "2"]) == 0
+    assert len(seen) == 2 and len(seen[1]) == 2 and "2 input image(s)" in capsys.readouterr().out

@@ -1,9 +1,40 @@
 """OmniGen2: unified image generation (text-to-image, editing, in-context) and understanding."""
 
-from .models import OmniGen2Transformer2DModel
-from .pipelines import ChatOutput, OmniGen2ChatPipeline, OmniGen2Pipeline, OmniGen2PipelineOutput
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# The public names and the modules defining them, imported on first use: `import omnigen2.cli` (and so
+# `omnigen2 --help`) stays free of torch, diffusers and transformers.
+_LAZY = {
+    "ChatOutput": ".pipelines.pipeline_chat",
+    "OmniGen2ChatPipeline": ".pipelines.pipeline_chat",
+    "OmniGen2Pipeline": ".pipelines.pipeline_omnigen2",
+    "OmniGen2PipelineOutput": ".pipelines.pipeline_omnigen2",
+    "OmniGen2Transformer2DModel": ".models.transformer_omnigen2",
+}
+
+if TYPE_CHECKING:
+    from .models.transformer_omnigen2 import OmniGen2Transformer2DModel
+    from .pipelines.pipeline_chat import ChatOutput, OmniGen2ChatPipeline
+    from .pipelines.pipeline_omnigen2 import OmniGen2Pipeline, OmniGen2PipelineOutput
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = [
     "ChatOutput",
     "OmniGen2ChatPipeline",

@@ -16,15 +16,13 @@ import platform
 import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import PIL.Image
 import torch
 
 from .loading import parse_dtype
 from .models.transformer_omnigen2 import PRESETS, OmniGen2Transformer2DModel, SequenceLayout
-
-# Bytes per parameter of each dtype, for the memory guard of the full-size model.
 
 
 @dataclass
@@ -34,7 +32,7 @@ class BenchConfig:
     prompt: str = "a red circle above a blue square"  # the prompt of a real pipeline's timed call
     height: int | None = 128  # None: the model's recommended size (--model only)
     width: int | None = 128
-    num_images: int = 1  # input (reference) images
+    num_images: int | None = None  # input (reference) images; None: 1 for a preset, 0 (text only) for a model
     branches: int = 3  # guidance branches: 1 (none), 2 (text), 3 (text + image; needs num_images >= 1)
     steps: int | None = 6  # None: the model's recommended steps (--model only)
     device: str = "cpu"
@@ -238,6 +236,8 @@ def _model_call(cfg: BenchConfig):
 
 
 def run_bench(cfg: BenchConfig) -> BenchResult:
+    if cfg.num_images is None:  # a model's prompt is text-only unless images are asked for
+        cfg = replace(cfg, num_images=0 if cfg.model is not None else 1)
     if cfg.model is not None:
         pipe, kwargs = _model_call(cfg)
     else:

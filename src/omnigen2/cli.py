@@ -16,18 +16,43 @@ from pathlib import Path
 DEFAULT_MODEL = "builtin:shapes"
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help unless the help says its default itself (it must where the
+    default is None: what "unset" means differs per option). Switches, positionals and empty lists get none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.default in (None, argparse.SUPPRESS, []):
+            return text
+        if action.default is False or action.default is True:
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help shows the defaults; subcommands inherit it (add_subparsers' parser_class)."""
+
+    def __init__(self, *args, formatter_class=_HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
 def _add_model_and_sampling(p, image_help: str) -> None:
     """The arguments ``generate`` and ``chat`` share: input images, the model, seed, size, steps, guidance and
     where it runs."""
     p.add_argument("-i", "--input-image", dest="images", action="append", default=[], metavar="IMAGE", help=image_help)
     p.add_argument("--model", default=None, help=f"pipeline directory or hub id (default: {DEFAULT_MODEL})")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--text-guidance", type=float, default=None, help="text guidance scale")
-    p.add_argument("--image-guidance", type=float, default=None, help="image guidance scale")
-    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, else 28)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    size = "(default: the model's, else 1024 for the released VAE; with one -i: the input image's, always)"
+    p.add_argument("--height", type=int, default=None, help=f"image height in pixels {size}")
+    p.add_argument("--width", type=int, default=None, help=f"image width in pixels {size}")
+    p.add_argument(
+        "--text-guidance", type=float, default=None, help="text guidance scale (default: the model's, else 4)"
+    )
+    p.add_argument(
+        "--image-guidance", type=float, default=None, help="image guidance scale (default: the model's, else 1)"
+    )
+    p.add_argument("--negative-prompt", default=None, help='negative prompt of text guidance (default: "")')
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: cuda if available)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) weights")
@@ -41,7 +66,7 @@ def _add_generate(sub) -> None:
         "with several: in-context generation.",
     )
     p.add_argument("prompt", help="the instruction")
-    _add_model_and_sampling(p, "input (reference) image; repeat for several (at most 5)")
+    _add_model_and_sampling(p, "input (reference) image; repeat for several (at most 5; default: none)")
     p.add_argument(
         "-o",
         "--output",
@@ -54,10 +79,12 @@ def _add_generate(sub) -> None:
         nargs=2,
         default=(0.0, 1.0),
         metavar=("A", "B"),
-        help="apply guidance for steps whose fraction i/N lies in [A, B]",
+        help="apply guidance for steps whose fraction i/N lies in [A, B] (default: 0 1, every step)",
     )
     p.add_argument("--num-images", type=int, default=1, help="images to generate")
-    p.add_argument("--scheduler", choices=["euler", "dpmsolver++"], default=None)
+    p.add_argument(
+        "--scheduler", choices=["euler", "dpmsolver++"], default=None, help="sampler (default: the model's, euler)"
+    )
     p.add_argument(
         "--teacache",
         type=float,
@@ -65,12 +92,18 @@ def _add_generate(sub) -> None:
         const=0.05,
         default=None,
         metavar="T",
-        help="enable TeaCache with threshold T (default 0.05)",
+        help="enable TeaCache with threshold T (0.05 when T is left out; default: off)",
     )
     p.add_argument("--taylorseer", action="store_true", help="enable TaylorSeer")
     p.add_argument("--max-pixels", type=int, default=1024 * 1024, help="pixel budget of input and output images")
     p.add_argument("--max-input-side", type=int, default=1024, help="longest side of an input image")
     p.add_argument("--max-sequence-length", type=int, default=1024, help="prompt tokens kept (longer: truncated)")
+    p.add_argument(
+        "--no-align-res",
+        dest="align_res",
+        action="store_false",
+        help="with one -i, generate at --height x --width instead of the input image's size (default: its size)",
+    )
     p.set_defaults(func=cmd_generate)
 
 
@@ -82,7 +115,9 @@ def _add_chat(sub) -> None:
         "(docs/CHAT.md). With --reflect N it then judges the drawing and repairs it up to N times.",
     )
     p.add_argument("prompt", help="the message")
-    _add_model_and_sampling(p, "input image, shown to the MLLM and used as a reference; repeat for several (at most 5)")
+    _add_model_and_sampling(
+        p, "input image, shown to the MLLM and used as a reference; repeat for several (at most 5; default: none)"
+    )
     p.add_argument(
         "-o",
         "--output",
@@ -90,7 +125,7 @@ def _add_chat(sub) -> None:
         help="output prefix (OUT.png, and OUT_round0.png, OUT_round1.png, ... for the versions reflection "
         "went through) or an existing directory (DIR/chat.png, ...); default: chat",
     )
-    p.add_argument("--reflect", type=int, default=0, metavar="N", help="repairs after drawing, each judged (default 0)")
+    p.add_argument("--reflect", type=int, default=0, metavar="N", help="repairs after drawing, each judged")
     p.add_argument(
         "--reflect-candidates",
         type=int,
@@ -98,31 +133,40 @@ def _add_chat(sub) -> None:
         metavar="K",
         help="repairs drawn per reflection round, the MLLM keeping the one it judges best (default: the model's)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
     p.add_argument("--force-image", action="store_true", help="start the answer with <|img|>: always draw")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
     p.set_defaults(func=cmd_chat)
 
 
-def cmd_chat(args) -> int:
+def _device_dtype_and_images(args):
+    """What ``generate`` and ``chat`` check before loading a model: device, dtype and the input images (at most
+    5, each readable), so that bad arguments fail before the slow part."""
     import torch
 
     from .images import load_image
     from .loading import parse_device, parse_dtype
-    from .pipelines import OmniGen2ChatPipeline
 
     dtype = parse_dtype(args.dtype)
     device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if len(args.images) > 5:
         raise ValueError(f"{len(args.images)} input images given; OmniGen2 takes at most 5")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    return device, dtype, [load_image(p) for p in args.images]
+
+
+def cmd_chat(args) -> int:
+    import torch
+
+    from .pipelines import OmniGen2ChatPipeline
+
     if args.reflect < 0:
         raise ValueError(f"--reflect must be >= 0, got {args.reflect}")
     if args.reflect_candidates is not None and args.reflect_candidates < 1:
         raise ValueError(f"--reflect-candidates must be >= 1, got {args.reflect_candidates}")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    images = [load_image(p) for p in args.images]  # fail on bad files before loading the model
+    device, dtype, images = _device_dtype_and_images(args)
     model = args.model or DEFAULT_MODEL
 
     chat = OmniGen2ChatPipeline.from_pretrained(model, torch_dtype=dtype, device=device, allow_pickle=args.allow_pickle)
@@ -195,25 +239,43 @@ def _add_bench(sub) -> None:
         "--model",
         default=None,
         help="time a real pipeline (directory, hub id or builtin:NAME) end to end, prompt to PIL image, with its "
-        "recommended sampling settings, instead of a random-weight preset",
+        "recommended sampling settings, instead of a random-weight preset (default: none, the preset)",
     )
     p.add_argument("--prompt", default="a red circle above a blue square", help="the prompt of --model's timed call")
-    p.add_argument("--height", type=int, default=None, help="default 128 (presets), the model's (--model)")
-    p.add_argument("--width", type=int, default=None, help="default 128 (presets), the model's (--model)")
-    p.add_argument("--num-images", type=int, default=1, help="input (reference) images")
+    p.add_argument(
+        "--height", type=int, default=None, help="image height (default: 128 for a preset, the model's with --model)"
+    )
+    p.add_argument(
+        "--width", type=int, default=None, help="image width (default: 128 for a preset, the model's with --model)"
+    )
+    p.add_argument(
+        "--num-images",
+        type=int,
+        default=None,
+        help="input (reference) images (default: 1 for a preset, whose 3 guidance branches need one; 0 with --model: "
+        "a text-only call)",
+    )
     p.add_argument("--branches", type=int, choices=[1, 2, 3], default=3, help="guidance branches")
-    p.add_argument("--steps", type=int, default=None, help="default 6 (presets), the model's (--model)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument(
+        "--steps", type=int, default=None, help="denoising steps (default: 6 for a preset, the model's with --model)"
+    )
+    p.add_argument("--device", default="cpu", help="where it runs")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights and activations")
     p.add_argument("--repeats", type=int, default=3, help="timed runs (medians are reported)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
     p.add_argument("--sequential-guidance", action="store_true", help="one transformer call per branch")
-    p.add_argument("--attention", choices=["auto", "sdpa", "math", "flash_varlen"], default="auto")
+    p.add_argument(
+        "--attention", choices=["auto", "sdpa", "math", "flash_varlen"], default="auto", help="attention backend"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the joint blocks")
-    p.add_argument("--quantize", choices=["none", "int8", "fp8"], default="none")
-    p.add_argument("--offload", choices=["none", "model", "sequential", "group"], default="none")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--write", type=Path, default=None, metavar="MD", help="add the result to this markdown file")
+    p.add_argument("--quantize", choices=["none", "int8", "fp8"], default="none", help="transformer weights")
+    p.add_argument(
+        "--offload", choices=["none", "model", "sequential", "group"], default="none", help="CPU offload of weights"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--write", type=Path, default=None, metavar="MD", help="add the result to this markdown file (default: none)"
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -267,10 +329,17 @@ def _add_train(sub) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config field, e.g. --set train.lr=1e-4 (repeatable)",
+        help="override a config field, e.g. --set train.lr=1e-4 (repeatable; default: none)",
     )
-    p.add_argument("--resume", default=None, metavar="latest|PATH", help="continue a run from a checkpoint")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many more steps (for testing)")
+    p.add_argument(
+        "--resume", default=None, metavar="latest|PATH", help="continue a run from a checkpoint (default: a new run)"
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after this many more steps, for testing (default: run to the config's train.steps)",
+    )
     p.add_argument(
         "--encode-latents",
         action="store_true",
@@ -283,21 +352,24 @@ def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a pipeline directory from a training checkpoint")
     p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
     p.add_argument("-o", "--output", required=True, help="pipeline directory to write")
-    p.add_argument("--weights", choices=["ema", "raw"], default="ema")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="the EMA or the trained weights")
     p.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into the transformer")
-    p.add_argument("--dtype", default=None, help="save in this dtype (fp32 | bf16 | fp16)")
+    p.add_argument(
+        "--dtype", default=None, help="save in this dtype, fp32 | bf16 | fp16 (default: the training config's)"
+    )
     p.add_argument(
         "--sampling",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="recommended sampling setting stored in the checkpoint, e.g. num_inference_steps=20",
+        help="recommended sampling setting stored in the checkpoint, e.g. num_inference_steps=20 (repeatable; "
+        "default: none)",
     )
     p.set_defaults(func=cmd_export)
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="benchmarks (ShapesBench)")
+    p = sub.add_parser("eval", help="benchmarks (ShapesBench, OmniContext)")
     bench = p.add_subparsers(dest="benchmark", required=True)
     s = bench.add_parser(
         "shapes",
@@ -306,22 +378,23 @@ def _add_eval(sub) -> None:
         "tasks through the generation pipeline (or, with --reflect N, the chat pipeline), text tasks through "
         "the MLLM. --model oracle gives the right answers (a self-check of the judge).",
     )
-    s.add_argument("--model", default=DEFAULT_MODEL, help=f"pipeline directory, hub id or oracle ({DEFAULT_MODEL})")
-    s.add_argument("--n", type=int, default=60, help="cases per task, spread over its categories (default 60)")
+    s.add_argument("--model", default=DEFAULT_MODEL, help="pipeline directory, hub id or oracle")
+    s.add_argument("--n", type=int, default=60, help="cases per task, spread over its categories")
     s.add_argument(
         "--tasks",
         default="t2i,edit,ic",
         help="comma-separated: t2i, edit, ic, understanding, reflection (default: t2i,edit,ic)",
     )
     s.add_argument("--out", default="shapesbench", help="folder for report.json and samples.png")
-    s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     s.add_argument("--text-guidance", type=float, default=None, help="text guidance scale (default: the model's)")
     s.add_argument("--image-guidance", type=float, default=None, help="image guidance scale (default: the model's)")
     s.add_argument(
         "--categories",
         default=None,
-        help="comma-separated: score only these categories of the n cases per task (e.g. place,background)",
+        help="comma-separated: score only these categories of the n cases per task, e.g. place,background "
+        "(default: all)",
     )
     s.add_argument(
         "--reflect",
@@ -329,7 +402,7 @@ def _add_eval(sub) -> None:
         default=None,
         metavar="N",
         help="draw image cases through the chat pipeline, the MLLM deciding to draw, then N reflection rounds "
-        "(0: none); without it they go through the generation pipeline",
+        "(0: none) (default: off, the generation pipeline draws them)",
     )
     s.add_argument(
         "--force-draw",
@@ -352,6 +425,9 @@ def _add_eval(sub) -> None:
     )
     s.add_argument("--device", default=None, help="cpu | cuda | mps (default: cuda if available)")
     s.set_defaults(func=cmd_eval)
+    from .eval.omnicontext.cli import add_parser as _add_omnicontext  # light: no torch, no httpx until it runs
+
+    _add_omnicontext(bench)
 
 
 def cmd_eval(args) -> int:
@@ -417,15 +493,24 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="omnigen2", description="OmniGen2: unified image generation")
+    parser = _Parser(prog="omnigen2", description="OmniGen2: unified image generation")
     parser.add_argument("--version", action="version", version=f"omnigen2 {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    from .batch.cli import add_parser as _add_batch  # light: torch loads only when `batch` runs
+
+    _add_batch(sub)
     _add_chat(sub)
     _add_train(sub)
     _add_export(sub)
     _add_eval(sub)
     _add_bench(sub)
+    from .serving.cli import add_parser as _add_serve  # light: fastapi and torch load only when `serve` runs
+
+    _add_serve(sub)
+    from .app.cli import add_parser as _add_app  # light: gradio and torch load only when `app` runs
+
+    _add_app(sub)
     return parser
 
 
@@ -459,32 +544,10 @@ def _save_png(image, path: Path, params: dict) -> None:
     tmp.replace(path)
 
 
-def cmd_generate(args) -> int:
-    import torch
-
-    from .images import load_image
-    from .loading import parse_device, parse_dtype
-    from .pipelines import OmniGen2Pipeline
-
-    dtype = parse_dtype(args.dtype)
-    device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if len(args.images) > 5:
-        raise ValueError(f"{len(args.images)} input images given; OmniGen2 takes at most 5")
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.teacache is not None and args.taylorseer:
-        raise ValueError("--teacache and --taylorseer are alternatives; pick one")
-    images = [load_image(p) for p in args.images]  # fail on bad files before loading the model
-    model = args.model or DEFAULT_MODEL
-
-    t0 = time.perf_counter()
-    pipe = OmniGen2Pipeline.from_pretrained(model, torch_dtype=dtype, device=device, allow_pickle=args.allow_pickle)
-    load_s = time.perf_counter() - t0
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    t0 = time.perf_counter()
-    out = pipe(
+def generate_call_kwargs(args, images, generator) -> dict:
+    """The pipeline call of ``generate`` for its parsed ``args`` (``omnigen2 batch`` builds the same ``args`` per
+    record and calls this, so that its images equal ``generate``'s)."""
+    return dict(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         input_images=images or None,
@@ -502,9 +565,13 @@ def cmd_generate(args) -> int:
         max_pixels=args.max_pixels,
         max_input_image_side_length=args.max_input_side,
         max_sequence_length=args.max_sequence_length,
+        align_res=args.align_res,
     )
-    gen_s = time.perf_counter() - t0
-    params = {
+
+
+def generate_png_params(args, model, pipe, device) -> dict:
+    """The settings ``generate`` writes into a PNG's "parameters" text chunk (shared with ``omnigen2 batch``)."""
+    return {
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,
         "input_images": args.images,
@@ -519,10 +586,33 @@ def cmd_generate(args) -> int:
         "scheduler": args.scheduler or type(pipe.scheduler).__name__,
         "teacache": args.teacache,
         "taylorseer": args.taylorseer,
+        "align_res": args.align_res,
         "dtype": args.dtype,
         "device": str(device),
         "defaults_from_checkpoint": pipe.sampling_defaults,
     }
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .pipelines import OmniGen2Pipeline
+
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.teacache is not None and args.taylorseer:
+        raise ValueError("--teacache and --taylorseer are alternatives; pick one")
+    device, dtype, images = _device_dtype_and_images(args)
+    model = args.model or DEFAULT_MODEL
+
+    t0 = time.perf_counter()
+    pipe = OmniGen2Pipeline.from_pretrained(model, torch_dtype=dtype, device=device, allow_pickle=args.allow_pickle)
+    load_s = time.perf_counter() - t0
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    t0 = time.perf_counter()
+    out = pipe(**generate_call_kwargs(args, images, generator))
+    gen_s = time.perf_counter() - t0
+    params = generate_png_params(args, model, pipe, device)
     out_path = Path(args.output)
     if out_path.suffix.lower() != ".png":
         out_path = out_path.with_suffix(".png")

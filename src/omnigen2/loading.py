@@ -17,6 +17,7 @@ those names are never imported, and nothing named by a checkpoint is ever execut
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -55,6 +56,10 @@ PROCESSOR_EXTRA_FILES = (
     "video_preprocessor_config.json",
 )
 BUILTIN_PREFIX = "builtin:"
+# model_index.json keys that name a plug-in, and the entry-point group whose names each may take. Installed
+# packages register the names (pyproject.toml, [project.entry-points."omnigen2.reflection"]); a checkpoint only
+# picks one, so nothing it names is imported by module path.
+NAMED_KEYS = {"omnigen2_reflection": "omnigen2.reflection", "omnigen2_domain": "omnigen2.domains"}
 
 
 class CheckpointError(ValueError):
@@ -114,6 +119,40 @@ def _component_classes():
             )
         },
     }
+
+
+def registered(key: str) -> dict:
+    """Name -> entry point of the plug-ins installed for the model_index.json ``key`` (see ``NAMED_KEYS``)."""
+    return dict(_entry_points(NAMED_KEYS[key]))
+
+
+@functools.cache
+def _entry_points(group: str) -> tuple:
+    """(name, entry point) pairs of ``group``, the first distribution's for a name; read once per process, as a
+    scan of the installed distributions takes milliseconds and the domain check runs on every generation."""
+    from importlib.metadata import entry_points
+
+    found = {}
+    for ep in entry_points(group=group):
+        found.setdefault(ep.name, ep)
+    return tuple(found.items())
+
+
+def check_named(key: str, name) -> None:
+    """Refuse a ``key`` value no installed package registers, before anything is loaded."""
+    known = registered(key)
+    if not isinstance(name, str) or name not in known:
+        raise CheckpointError(
+            f"model_index.json {key!r} is {name!r}, which is not a registered name (known: "
+            f"{', '.join(sorted(known)) or 'none; is omnigen2 installed, pip install -e .?'})"
+        )
+
+
+def resolve_named(key: str, name: str):
+    """The object registered under ``name`` for the model_index.json ``key``: a reflection protocol
+    (``omnigen2_reflection``) or a domain's prompt check (``omnigen2_domain``). Only registered names load."""
+    check_named(key, name)
+    return registered(key)[name].load()
 
 
 def resolve_path(name_or_path, allow_pickle: bool = False) -> Path:
@@ -199,6 +238,8 @@ def inspect_layout(root: Path, allow_pickle: bool = False, skip=()) -> dict:
             if not (folder / "config.json").is_file():
                 raise CheckpointError(f"{folder} lacks config.json")
             _weights_present(folder, comp, allow_pickle)
+    for key in NAMED_KEYS.keys() & index.keys():
+        check_named(key, index[key])
     return index
 
 

@@ -32,7 +32,7 @@ MISMATCH_ANSWER = "the image does not match the instruction: the red circle shou
 
 @pytest.fixture
 def chat(tiny_pipe):
-    return OmniGen2ChatPipeline(tiny_pipe)
+    return OmniGen2ChatPipeline(tiny_pipe, reflection="shapes")
 
 
 def test_oracle_scores_one_on_held_out_cases(tmp_path):
@@ -47,7 +47,8 @@ def test_oracle_scores_one_on_held_out_cases(tmp_path):
 
 def test_tiny_pipeline_end_to_end(tiny_pipe, tmp_path):
     report = run(pipeline_generate(tiny_pipe, steps=1), n=2, out_dir=tmp_path, progress=False)
-    assert len(report.results) == 6 and 0.0 <= report.overall <= 1.0
+    assert len(report.results) == 6 and [r.task for r in report.results] == ["t2i"] * 2 + ["edit"] * 2 + ["ic"] * 2
+    assert report.overall == pytest.approx(sum(report.task_score(t) for t in ("t2i", "edit", "ic")) / 3)
     data = json.loads((tmp_path / "report.json").read_text())
     assert set(data["summary"]["tasks"]) == {"t2i", "edit", "ic"} and len(data["cases"]) == 6
     assert all(isinstance(c["passed"], bool) and c["reason"] for c in data["cases"])

@@ -13,8 +13,10 @@ from PIL import Image
 
 from omnigen2 import OmniGen2ChatPipeline
 from omnigen2.images import ImageError
-from omnigen2.pipelines.pipeline_chat import Turn, image_slot, parse_reflection
+from omnigen2.pipelines.pipeline_chat import Turn, image_slot
+from omnigen2.shapes.protocol import parse_reflection
 from omnigen2.shapes.tasks import MATCHES, REFLECT_QUESTION, make_case
+from tests.pipelines.spy import Spy
 
 KW = dict(height=64, width=64, num_inference_steps=2)
 ORIGINAL_SYSTEM = "You are a helpful assistant that generates high-quality images based on user instructions."
@@ -23,7 +25,9 @@ MISMATCH_ANSWER = "the image does not match the instruction: the red circle shou
 
 @pytest.fixture
 def chat(tiny_pipe):
-    return OmniGen2ChatPipeline(tiny_pipe)
+    # The official-tiny checkpoint names no reflection protocol (so "prompted"); these tests script answers in the
+    # Shapes protocol's sentences. tests/pipelines/test_reflection.py runs the prompted protocol on it.
+    return OmniGen2ChatPipeline(tiny_pipe, reflection="shapes")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +57,7 @@ def ban(token_ids):
 
 def pil_to_pixels(image) -> torch.Tensor:
     """A PIL image -> (1, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float() / 255
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
 
 
 def seed(s=0):
@@ -165,6 +169,16 @@ def test_text_answer_stops_at_stop_token(chat, stop):
     assert out.input_ids.shape[1] == chat.build_inputs([Turn("What is this?")])[0].shape[1] + len(words)
 
 
+def test_decoding_raises_no_deprecation_warning(chat):
+    """Every decode step passes the KV cache under the name the installed transformers expects."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = chat("Hello.", max_new_tokens=3, logits_processor=ban(chat.stop_ids))
+    assert len(out.input_ids[0]) > 0 and chat._cache_kwarg in ("cache", "past_key_values")
+
+
 def test_max_new_tokens_and_prefix(chat):
     stops = chat.stop_ids
     out = chat("Hello.", max_new_tokens=3, logits_processor=ban(stops))
@@ -247,20 +261,6 @@ def test_parse_reflection():
     assert verdict == "mismatch" and case.answer.endswith(f"{problem}. {fix}")
     for bad in ("blue", "", "the image does not match the instruction: wrong", "the image does not match"):
         assert parse_reflection(bad) == ("unparsed", None, None)
-
-
-class Spy:
-    """Records the generation pipeline's calls and runs them."""
-
-    def __init__(self, pipe):
-        self.pipe, self.calls = pipe, []
-
-    def __call__(self, **kwargs):
-        self.calls.append(kwargs)
-        return self.pipe(**kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.pipe, name)
 
 
 @pytest.fixture

@@ -125,3 +125,14 @@ def test_low_precision_runs(official_tiny, dtype):
     assert pipe.transformer.dtype == dtype and pipe.mllm.dtype == dtype
     out = pipe(prompt="A red circle.", latents=noise(), **KW).images
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_warnings_point_at_the_caller(tiny_pipe):
+    """A stage's warning names the line that called the pipeline, not a frame inside it or torch's no_grad."""
+    kw = {**KW, "width": 70, "max_sequence_length": 8}  # truncated prompt; 70 is not a multiple of 16
+    with pytest.warns(UserWarning) as record:
+        tiny_pipe(prompt="A red circle in the park.", latents=noise(), **kw)
+    messages = {str(w.message).split(" ")[0]: w for w in record}
+    assert set(messages) >= {"prompt", "generating"}  # truncation (stage 2) and resize (stage 3)
+    for w in messages.values():
+        assert w.filename == __file__, (str(w.message), w.filename)

@@ -171,4 +171,6 @@ def test_mixed_up_inputs_and_text_outputs_are_refused():
     with pytest.raises(TypeError):
         judge.check(make_case("understanding", "count", 0), case.render_target())
     assert not judge.check(make_case("understanding", "count", 0), "many").passed
-    assert Edit.parse(make_case("edit", "move", 1).prompt) is not None
+    move = make_case("edit", "move", 1)
+    parsed = Edit.parse(move.prompt)
+    assert parsed is not None and parsed.kind == "move" and parsed.prompt() == move.prompt  # round trip

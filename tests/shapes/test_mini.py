@@ -61,7 +61,10 @@ def test_vae_learns_to_reconstruct():
     train_vae(vae, batch, steps=25, lr=3e-3, warmup=2)
     after = vae_reconstruction_error(vae, batch, n=2)["mse"]
     assert after < 0.5 * before
-    assert vae.config.scaling_factor > 0 and vae.config.shift_factor is not None
+    with torch.no_grad():  # shift and scale map held-out latents to about zero mean and unit variance
+        z = torch.cat([vae.encode(batch(5000 + k)).latent_dist.mode() for k in range(2)])
+    z = (z - vae.config.shift_factor) * vae.config.scaling_factor
+    assert abs(z.mean().item()) < 0.1 and 0.8 < z.std().item() < 1.25
 
 
 def test_mllm_learns_a_question(tokenizer, image_processor):
@@ -84,7 +87,7 @@ def test_mllm_learns_a_question(tokenizer, image_processor):
     history = train_mllm(model, batch, steps=40, lr=5e-3, warmup=5)
     assert np.mean(history[-5:]) < 0.5 * np.mean(history[:5])
     reply = answer(model, batcher, scene(random.Random(5))[0], "what color is the circle?")
-    assert isinstance(reply, str)
+    assert reply in COLORS  # a bare colour word: the answer format is learned (reading the colour takes longer)
 
 
 def test_new_vision_tower_keeps_text_conditioning(tokenizer, image_processor):

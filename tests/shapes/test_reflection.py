@@ -185,31 +185,6 @@ def test_reflection_records_from_an_oracle_like_generator(tmp_path):
     assert seen == {"model-match": summary.kinds["match"], "model-mismatch": summary.kinds["mismatch"]}
 
 
-def test_reflection_records_judge_every_image_a_generator_returns(tmp_path):
-    """A generator may answer with several images (a reflection's candidate repairs): each is judged and written."""
-    n = 4
-    case_list = [c for t in IMAGE_TASKS for c in cases(t, n, split="train", start=80)]
-    single, expected = _oracle_like(case_list)
-    by_key = {(c.prompt, tuple(im.tobytes() for im in c.input_images())): c for c in case_list}
-
-    def generate(prompt, inputs, g):  # the oracle-like image, then the case's target
-        case = by_key[prompt, tuple(im.tobytes() for im in inputs)]
-        return [single(prompt, inputs, g), case.render_target()]
-
-    summary = reflection_records(generate, n, tmp_path, start=80, tasks=IMAGE_TASKS, progress=False)
-    assert sum(summary.kinds.values()) == 2 * len(case_list)
-    assert summary.kinds["match"] == len(case_list) // 2 + len(case_list)
-    assert summary.records == 2 * len(case_list)
-    records = [json.loads(line) for line in summary.file.read_text().splitlines()]
-    for first, second in zip(records[::2], records[1::2], strict=True):
-        case = by_key[first["instruction"], tuple(
-            PIL.Image.open(tmp_path / p).tobytes() for p in first["input_images"])]  # fmt: skip
-        assert first["image"].endswith("_out0.png") and second["image"].endswith("_out1.png")
-        assert first["answer"] == expected[case.name] and second["answer"] == MATCHES
-        assert second["input_images"] == first["input_images"]  # the inputs are written once per case
-        assert all((tmp_path / p).is_file() for p in (first["image"], second["image"], *first["input_images"]))
-
-
 def test_repair_records_teach_the_judges_fix_of_each_wrong_output(tmp_path):
     """Each wrong output the judge can repair with one edit becomes an edit record: that output as the input, the
     fix as the instruction, the read scene with the fix applied as the target, which then passes the case; right

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from omnigen2.schedulers import shifted_timesteps
-from omnigen2.training.objective import detail_weights, flow_loss, noisy_inputs, sample_time, shift_time
+from omnigen2.training.objective import flow_loss, noisy_inputs, sample_time, shift_time
 
 
 def test_v2_shift_is_the_inference_shift():
@@ -52,23 +52,3 @@ def test_loss_reductions():
     target = [torch.ones(1, 2, 2), torch.full((1, 4, 4), 2.0)]
     assert flow_loss(pred, target, "element").item() == pytest.approx((4 * 1 + 16 * 4) / 20)
     assert flow_loss(pred, target, "sample").item() == pytest.approx((1 + 4) / 2)
-
-
-def test_detail_weights_favour_a_dot_and_keep_the_scale():
-    flat = torch.zeros(4, 16, 16)
-    flat[:, 7:9, 7:9] = 1.0  # a small mark on a flat field
-    (w,) = detail_weights([flat], 4.0)
-    assert w.shape == (1, 16, 16)
-    assert w.mean().item() == pytest.approx(1.0, abs=1e-5)
-    assert w[0, 7, 7] > 3 * w[0, 0, 0]  # the mark weighs more than the flat background
-    (w0,) = detail_weights([flat], 0.0)
-    assert torch.allclose(w0, torch.ones_like(w0))  # strength 0: plain MSE
-
-
-def test_weighted_loss_is_the_weighted_mean():
-    pred = [torch.zeros(2, 2, 2)]
-    target = [torch.ones(2, 2, 2)]
-    w = [torch.tensor([[[2.0, 0.0], [1.0, 1.0]]])]  # (1, H, W), mean 1
-    assert flow_loss(pred, target, "element", w).item() == pytest.approx(1.0)
-    target = [torch.tensor([[[2.0, 1.0], [1.0, 1.0]]]).expand(2, 2, 2)]
-    assert flow_loss(pred, target, "sample", w).item() == pytest.approx((2 * 4 + 0 + 1 + 1) / 4)

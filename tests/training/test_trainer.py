@@ -17,8 +17,6 @@ from omnigen2 import OmniGen2Pipeline
 from omnigen2.training import Trainer, config_from_dict, export, precondition
 from omnigen2.training.data import ImageSpec
 
-from .conftest import COLORS
-
 
 def losses(run_dir):
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -187,20 +185,6 @@ def test_gradient_accumulation_averages(base_config, tmp_path):
     assert [one.train_step()["loss"] for _ in range(2)] == pytest.approx(
         [two.train_step()["loss"] for _ in range(2)], abs=1e-4
     )
-
-
-def test_detail_weight_changes_the_loss(base_config, tmp_path):
-    """objective.detail_weight reweights the same prediction errors (same seeds, same noise): another loss."""
-    runs = {}
-    for w in (0.0, 4.0):
-        tr = Trainer(config_from_dict(base_config(objective={"detail_weight": w}), [f"output.dir={tmp_path / str(w)}"]))
-        batch = tr.data.batch(0, range(2))
-        with torch.no_grad():
-            runs[w] = tr.micro_loss(batch, 0, 1.0)
-    (s0, p0), (s4, p4) = runs[0.0], runs[4.0]
-    assert abs(p4.item() - p0.item()) > 1e-4 * p0.item()
-    # The optimized (scaled) loss is the reported one times the element count, weighted or not.
-    assert s4.item() / p4.item() == pytest.approx(s0.item() / p0.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("precondition_text", [False, True])
@@ -387,8 +371,6 @@ def test_config_errors(base_config):
         config_from_dict(base_config(train={"mode": "qlora"}))
     with pytest.raises(ValueError, match="must be a number"):
         config_from_dict(base_config(), ["train.lr=fast"])
-    with pytest.raises(ValueError, match="objective.detail_weight must be >= 0"):
-        config_from_dict(base_config(), ["objective.detail_weight=-1"])
     cfg = config_from_dict(base_config(), ["train.lr=3e-4", "lora.target_modules=[to_q]", "train.steps=7"])
     assert cfg.train.lr == 3e-4 and cfg.lora.target_modules == ["to_q"] and cfg.train.steps == 7
 
@@ -403,4 +385,3 @@ def test_cli_train_and_export(base_config, tmp_path):
     assert main(["export", str(tmp_path / "r"), "-o", str(tmp_path / "p"), "--sampling", "num_inference_steps=7"]) == 0
     pipe = OmniGen2Pipeline.from_pretrained(tmp_path / "p")
     assert pipe.sampling_defaults == {"num_inference_steps": 7}
-    assert COLORS  # the shared dataset fixture module is importable

@@ -566,7 +566,8 @@ def evaluate_model(
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = OmniGen2Pipeline.from_pretrained(model, device=device)
         pipe.set_progress_bar_config(disable=True)
-        chat = OmniGen2ChatPipeline(pipe)  # shares the pipeline's components
+        # Shares the pipeline's components; ShapesBench asks its own questions whatever the checkpoint names.
+        chat = OmniGen2ChatPipeline(pipe, reflection="shapes")
         if reflect is None:
             generate = pipeline_generate(pipe, steps=steps, **guidance)
         else:

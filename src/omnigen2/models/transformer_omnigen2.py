@@ -308,6 +308,91 @@ def make_segments(lens: list[int], owners: list[int], device) -> Segments:
     return Segments(lens=list(lens), cu_seqlens=cu, owner=owner)
 
 
+def _sample_positions(cap_len: int, image_sizes: list[tuple[int, int]], p: int, device) -> torch.Tensor:
+    """Omni-RoPE positions (S, 3) of one sample's [text | image 1 | ... | image n] (the target image last):
+    text token t at (t, t, t); image k at (shift_k, row, col), its grid restarting at (0, 0) and shift_k
+    advancing by the previous image's larger side in tokens, from the text length."""
+    lens = [(h // p) * (w // p) for h, w in image_sizes]
+    pos = torch.zeros(cap_len + sum(lens), 3, dtype=torch.long, device=device)
+    pos[:cap_len] = torch.arange(cap_len, device=device)[:, None]  # text: (t, t, t)
+    shift, start = cap_len, cap_len
+    for (h, w), n in zip(image_sizes, lens):
+        rows, cols = _grid(h // p, w // p, device)
+        pos[start : start + n, 0] = shift
+        pos[start : start + n, 1] = rows
+        pos[start : start + n, 2] = cols
+        shift += max(h // p, w // p)
+        start += n
+    return pos
+
+
+def _check_rope_range(freqs_cis: list[torch.Tensor], pos: torch.Tensor) -> None:
+    for axis, table in enumerate(freqs_cis):
+        top = int(pos[:, axis].max())  # host values: the layout is built once per generation
+        if top >= table.shape[0]:
+            raise ValueError(
+                f"RoPE position {top} on axis {axis} exceeds axes_lens[{axis}] = {table.shape[0]} "
+                "(text tokens use positions (i, i, i) on all three axes): shorten the prompt or the images"
+            )
+
+
+@dataclass
+class _RefPacking:
+    """The reference refiner's stream: one sequence per distinct reference image, in order of the first sample
+    of each group; ``offset[group]``: the group's first row in that stream."""
+
+    items: list[tuple[int, int]]  # (sample, k)
+    rows: list[int]  # rows of the joint stream the tokens take their RoPE angles from
+    seq_lens: list[int]
+    owners: list[int]
+    image_ids: list[int]  # per token: k
+    offset: dict
+
+
+def _pack_refs(cap_lens, ref_lens, ref_groups, starts) -> _RefPacking:
+    packing = _RefPacking([], [], [], [], [], {})
+    for i, lens in enumerate(ref_lens):
+        if not lens or ref_groups[i] in packing.offset:
+            continue
+        packing.offset[ref_groups[i]] = sum(packing.seq_lens)
+        pos = starts[i] + cap_lens[i]
+        for k, n in enumerate(lens):
+            packing.items.append((i, k))
+            packing.rows += range(pos, pos + n)
+            packing.seq_lens.append(n)
+            packing.owners.append(i)
+            packing.image_ids += [k] * n
+            pos += n
+    return packing
+
+
+def _pack_targets(img_lens, img_groups, starts) -> tuple[list[int], list[int], dict]:
+    """The noise refiner's stream: the sample of each distinct target, their joint-stream rows, and each
+    group's first row in the stream."""
+    samples, rows, offset = [], [], {}
+    for i, n in enumerate(img_lens):
+        if img_groups[i] not in offset:
+            offset[img_groups[i]] = len(rows)
+            samples.append(i)
+            rows += range(starts[i + 1] - n, starts[i + 1])
+    return samples, rows, offset
+
+
+def _joint_rows(cap_lens, ref_lens, img_lens, refs: _RefPacking, ref_groups, img_offset, img_groups) -> list[int]:
+    """Rows of cat([text (T_txt), references (T_ref), targets (T_img)]) in [text | refs | target] per sample."""
+    n_txt, n_ref = sum(cap_lens), len(refs.rows)
+    rows, txt_pos = [], 0
+    for i, (c, r, n) in enumerate(zip(cap_lens, ref_lens, img_lens)):
+        rows += range(txt_pos, txt_pos + c)
+        txt_pos += c
+        if r:
+            off = n_txt + refs.offset[ref_groups[i]]
+            rows += range(off, off + sum(r))
+        off = n_txt + n_ref + img_offset[img_groups[i]]
+        rows += range(off, off + n)
+    return rows
+
+
 def build_layout(
     freqs_cis: list[torch.Tensor],
     cap_lens: list[int],
@@ -330,77 +415,28 @@ def build_layout(
     ref_lens = [[(h // p) * (w // p) for h, w in sizes] for sizes in ref_sizes]
     img_lens = [(h // p) * (w // p) for h, w in img_sizes]
     seq_lens = [c + sum(r) + i for c, r, i in zip(cap_lens, ref_lens, img_lens)]
+    starts = [0, *itertools.accumulate(seq_lens)]  # each sample's first row in the joint stream
 
-    pos_ids = []  # per sample (S_i, 3) = (seq/image id, row, col)
-    for i in range(b):
-        c = cap_lens[i]
-        pos = torch.zeros(seq_lens[i], 3, dtype=torch.long, device=device)
-        pos[:c] = torch.arange(c, device=device)[:, None]  # text: (t, t, t)
-        shift, start = c, c
-        for (h, w), n in zip(list(ref_sizes[i]) + [img_sizes[i]], ref_lens[i] + [img_lens[i]]):
-            rows, cols = _grid(h // p, w // p, device)
-            pos[start : start + n, 0] = shift
-            pos[start : start + n, 1] = rows
-            pos[start : start + n, 2] = cols
-            shift += max(h // p, w // p)
-            start += n
-        pos_ids.append(pos)
+    # 1. Positions of the joint stream and their RoPE angles
+    pos_ids = [_sample_positions(c, [*r, s], p, device) for c, r, s in zip(cap_lens, ref_sizes, img_sizes)]
     all_pos = torch.cat(pos_ids)  # (T, 3)
-    for axis, table in enumerate(freqs_cis):
-        top = int(all_pos[:, axis].max())  # host values: the layout is built once per generation
-        if top >= table.shape[0]:
-            raise ValueError(
-                f"RoPE position {top} on axis {axis} exceeds axes_lens[{axis}] = {table.shape[0]} "
-                "(text tokens use positions (i, i, i) on all three axes): shorten the prompt or the images"
-            )
-    cos, sin = gather_rope(freqs_cis, all_pos)  # (T, D/2) each, the joint stream's angles
-    starts = [0, *itertools.accumulate(seq_lens)]
+    _check_rope_range(freqs_cis, all_pos)
+    cos, sin = gather_rope(freqs_cis, all_pos)  # (T, D/2) each
+
+    index = lambda rows: torch.tensor(rows, dtype=torch.long, device=device)  # (len(rows),) row indices
 
     def stage(rows: list[int], lens: list[int], owners: list[int]) -> Stage:
-        idx = torch.tensor(rows, dtype=torch.long, device=device)
+        idx = index(rows)
         return Stage(make_segments(lens, owners, device), rope_tables(cos[idx], sin[idx]))
 
-    # Context refiner: each sample's real text tokens
+    # 2. The refiners' streams: the real text tokens of each sample, the distinct references and targets
     text_rows = [starts[i] + j for i in range(b) for j in range(cap_lens[i])]
     text_index = torch.tensor([i * text_len + j for i in range(b) for j in range(cap_lens[i])], device=device)
-    text = stage(text_rows, cap_lens, list(range(b)))
+    refs = _pack_refs(cap_lens, ref_lens, ref_groups, starts)
+    img_samples, img_rows, img_offset = _pack_targets(img_lens, img_groups, starts)
 
-    # Reference refiner: one sequence per distinct reference image, angles from the group's first sample
-    ref_items, ref_rows, ref_seq_lens, ref_owners, ref_ids, ref_offset = [], [], [], [], [], {}
-    for i in range(b):
-        if not ref_lens[i] or ref_groups[i] in ref_offset:
-            continue
-        ref_offset[ref_groups[i]] = sum(ref_seq_lens)
-        pos = starts[i] + cap_lens[i]
-        for k, n in enumerate(ref_lens[i]):
-            ref_items.append((i, k))
-            ref_rows += range(pos, pos + n)
-            ref_seq_lens.append(n)
-            ref_owners.append(i)
-            ref_ids += [k] * n
-            pos += n
-    ref = stage(ref_rows, ref_seq_lens, ref_owners) if ref_items else None
-    n_txt, n_ref = len(text_rows), len(ref_rows)
-
-    # Noise refiner: one sequence per distinct target
-    img_rows, img_rows_tok, img_offset = [], [], {}
-    for i in range(b):
-        if img_groups[i] not in img_offset:
-            img_offset[img_groups[i]] = len(img_rows_tok)
-            img_rows.append(i)
-            img_rows_tok += range(starts[i + 1] - img_lens[i], starts[i + 1])
-    img = stage(img_rows_tok, [img_lens[i] for i in img_rows], img_rows)
-
-    # Joint stream: rows of cat([text (T_txt), references (T_ref), targets (T_img)]) in [text | refs | target]
-    joint_rows, txt_pos = [], 0
-    for i in range(b):
-        joint_rows += range(txt_pos, txt_pos + cap_lens[i])
-        txt_pos += cap_lens[i]
-        if ref_lens[i]:
-            off = n_txt + ref_offset[ref_groups[i]]
-            joint_rows += range(off, off + sum(ref_lens[i]))
-        off = n_txt + n_ref + img_offset[img_groups[i]]
-        joint_rows += range(off, off + img_lens[i])
+    # 3. The joint stream, and the rows of its targets (the only ones the last block computes)
+    joint_rows = _joint_rows(cap_lens, ref_lens, img_lens, refs, ref_groups, img_offset, img_groups)
     out_rows = [r for i in range(b) for r in range(starts[i + 1] - img_lens[i], starts[i + 1])]
     return SequenceLayout(
         cap_lens=list(cap_lens),
@@ -411,15 +447,15 @@ def build_layout(
         seq_lens=seq_lens,
         text_len=text_len,
         text_index=text_index,
-        text=text,
-        img_rows=img_rows,
-        img=img,
-        ref_items=ref_items,
-        ref_image_ids=torch.tensor(ref_ids, dtype=torch.long, device=device) if ref_items else None,
-        ref=ref,
-        joint_index=torch.tensor(joint_rows, dtype=torch.long, device=device),
+        text=stage(text_rows, cap_lens, list(range(b))),
+        img_rows=img_samples,
+        img=stage(img_rows, [img_lens[i] for i in img_samples], img_samples),
+        ref_items=refs.items,
+        ref_image_ids=index(refs.image_ids) if refs.items else None,
+        ref=stage(refs.rows, refs.seq_lens, refs.owners) if refs.items else None,
+        joint_index=index(joint_rows),
         joint=stage(list(range(starts[-1])), seq_lens, list(range(b))),
-        out_index=torch.tensor(out_rows, dtype=torch.long, device=device),
+        out_index=index(out_rows),
         out=stage(out_rows, img_lens, list(range(b))),
         pos_ids=pos_ids,
     )

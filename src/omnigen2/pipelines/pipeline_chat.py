@@ -5,13 +5,15 @@ template, and decodes an answer with a KV cache. When it emits ``<|img|>``, the 
 the last-layer hidden states of that pass — the prompt positions from the prefill, each generated token from the
 decode step that fed it — keeping the text tokens only. The original chat pipeline runs a second MLLM pass over
 the same tokens to get these states; tests/pipelines/test_chat.py checks that they agree. docs/CHAT.md has the
-details, the reflection loop and the differences from the original.
+details, the reflection loop and the differences from the original. How the MLLM is asked to judge a drawing is the
+checkpoint's reflection protocol (``reflection.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,14 +24,12 @@ import torch
 
 from ..images import check_image
 from ..models.transformer_omnigen2 import MAX_REF_IMAGES
-from ..shapes.judge import verdict_of
-from ..shapes.tasks import MATCHES, MISMATCH, REFLECT_QUESTION
 from .pipeline_omnigen2 import SYSTEM_PROMPT, OmniGen2Pipeline
+from .reflection import ReflectionProtocol, resolve_protocol
 
 IMG_TOKEN = "<|img|>"  # the assistant's "draw now" token
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", IMG_TOKEN)  # the original's stop strings
 DEFAULT_MAX_NEW_TOKENS = 256  # the original's limit
-JUDGE_MAX_NEW_TOKENS = 64
 IMAGE_OUTPUT_TYPES = ("pil", "np", "pt")
 # Arguments the chat pipeline sets itself on the generation call.
 RESERVED_IMAGE_KWARGS = frozenset(
@@ -110,22 +110,6 @@ class MllmPass:
     stop: int | None  # the stop token that ended the answer; None when max_new_tokens ran out
 
 
-def parse_reflection(text: str) -> tuple[str, str | None, str | None]:
-    """A reflection answer -> (verdict, problem, fix). The verdict is the ShapesBench judge's reading
-    (``omnigen2.shapes.judge.verdict_of``); a mismatch must read "... instruction: {problem}. {fix}", else the
-    answer is "unparsed"."""
-    verdict = verdict_of(text)
-    if verdict == "match":
-        return "match", None, None
-    if verdict == "mismatch":
-        head = MISMATCH.split("{problem}")[0].strip()  # "the image does not match the instruction:"
-        body = text.strip()[len(head) :].strip()
-        problem, sep, fix = body.rpartition(". ")  # the judge splits at the last ". " too
-        if sep and problem.strip() and fix.strip():
-            return "mismatch", problem.strip(), fix.strip()
-    return "unparsed", None, None
-
-
 def image_slot(index: int, num_tokens: int) -> str:
     """The original's image slot in a user message: ``<imgN>: <|vision_start|><|image_pad|>...<|vision_end|>``,
     the pad repeated once per merged ViT patch (the Qwen processor's expansion)."""
@@ -134,9 +118,12 @@ def image_slot(index: int, num_tokens: int) -> str:
 
 class OmniGen2ChatPipeline:
     """Chat with OmniGen2: text answers, image generation and editing decided by the MLLM, a multi-turn
-    ``history`` and an optional reflection loop. Wraps an :class:`OmniGen2Pipeline` and shares its components."""
+    ``history`` and an optional reflection loop. Wraps an :class:`OmniGen2Pipeline` and shares its components.
 
-    def __init__(self, pipe: OmniGen2Pipeline):
+    ``reflection``: how the MLLM judges its drawings, a :class:`ReflectionProtocol` or a registered name; None: the
+    one the checkpoint names in model_index.json (``omnigen2_reflection``), else ``"prompted"``."""
+
+    def __init__(self, pipe: OmniGen2Pipeline, reflection: str | ReflectionProtocol | None = None):
         if not isinstance(pipe, OmniGen2Pipeline):
             raise TypeError(f"OmniGen2ChatPipeline wraps an OmniGen2Pipeline, got {type(pipe).__name__}")
         self.pipe = pipe
@@ -149,14 +136,27 @@ class OmniGen2ChatPipeline:
         self.image_token_id = self.mllm.config.image_token_id  # <|image_pad|>
         self._vision_processor = None
         self._adapter_layers = attach_reflection_adapter(self.mllm, pipe.reflection_adapter)
+        self.reflection_protocol = reflection
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype=None, device=None, **kwargs):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, torch_dtype=None, device=None, reflection=None, **kwargs
+    ) -> OmniGen2ChatPipeline:
         """Load the released layout (or ``"builtin:NAME"``) through :meth:`OmniGen2Pipeline.from_pretrained`."""
         pipe = OmniGen2Pipeline.from_pretrained(
             pretrained_model_name_or_path, torch_dtype=torch_dtype, device=device, **kwargs
         )
-        return cls(pipe)
+        return cls(pipe, reflection=reflection)
+
+    @property
+    def reflection_protocol(self) -> ReflectionProtocol:
+        """The question the judge asks, the reading of its answers and the verdict texts scoring reads."""
+        return self._reflection_protocol
+
+    @reflection_protocol.setter
+    def reflection_protocol(self, choice: str | ReflectionProtocol | None) -> None:
+        self._reflection_protocol = resolve_protocol(choice, self.pipe._model_index_extra)
+        self.__dict__.pop("_verdict_fork", None)  # tokenized from the protocol's verdict texts
 
     # -- the shared components ------------------------------------------------------------------------------
 
@@ -260,16 +260,8 @@ class OmniGen2ChatPipeline:
         fed = prefix[:-1] if stop is not None else prefix
         ids = torch.cat([input_ids, torch.tensor([fed], dtype=input_ids.dtype)], dim=1).to(device)  # (1, L)
 
-        # 1. Positions: Qwen2.5-VL's 3D RoPE over the vision tokens, the text counting on after each image. Set
-        # here rather than left to the model, whose stored rope offset would outlive this conversation.
-        if vision:
-            mm_types = (ids == self.image_token_id).int()
-            grid = vision["image_grid_thw"].to(device)
-            positions, delta = mllm.model.get_rope_index(ids, mm_token_type_ids=mm_types, image_grid_thw=grid)
-            vision = {"pixel_values": vision["pixel_values"].to(device, mllm.dtype), "image_grid_thw": grid}
-            delta = int(delta)  # (1, 1): text positions after the images are offset by this
-        else:
-            positions, delta = torch.arange(ids.shape[1], device=device).view(1, 1, -1).expand(3, 1, -1), 0
+        # 1. Positions: Qwen2.5-VL's 3D RoPE over the vision tokens, the text counting on after each image
+        positions, delta, vision = self._positions(ids, vision)
 
         # 2. Prefill: the conversation and the prefix in one call, through the model's forward (hooks apply)
         out = mllm(
@@ -297,15 +289,29 @@ class OmniGen2ChatPipeline:
                 break  # out of tokens: this one's state is never needed
             ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
             pos = torch.full((3, 1, 1), ids.shape[1] - 1 + delta, device=device)  # (3, B, 1)
-            out = mllm(
-                input_ids=ids[:, -1:],
-                position_ids=pos,
-                past_key_values=out.past_key_values,
-                use_cache=True,
-                output_hidden_states=True,
-            )
+            cache = {self._cache_kwarg: out[self._cache_kwarg]}
+            out = mllm(input_ids=ids[:, -1:], position_ids=pos, use_cache=True, output_hidden_states=True, **cache)
             hidden.append(out.hidden_states[-1])
         return MllmPass(ids, torch.cat(hidden, dim=1), answer, stop)
+
+    def _positions(self, ids: torch.Tensor, vision: dict) -> tuple[torch.Tensor, int, dict]:
+        """The (3, 1, L) RoPE positions of ``ids`` (1, L), the offset of the text positions after the images, and
+        the ViT inputs on the device. Set here rather than left to the model, whose stored rope offset would
+        outlive this conversation."""
+        mllm, device = self.mllm, self.device
+        if not vision:
+            return torch.arange(ids.shape[1], device=device).view(1, 1, -1).expand(3, 1, -1), 0, {}
+        mm_types = (ids == self.image_token_id).int()
+        grid = vision["image_grid_thw"].to(device)
+        positions, delta = mllm.model.get_rope_index(ids, mm_token_type_ids=mm_types, image_grid_thw=grid)
+        vision = {"pixel_values": vision["pixel_values"].to(device, mllm.dtype), "image_grid_thw": grid}
+        return positions, int(delta), vision  # delta (1, 1): text positions after the images are offset by this
+
+    @functools.cached_property
+    def _cache_kwarg(self) -> str:
+        """The MLLM's name for its KV cache, in and out: ``cache`` since transformers renamed ``past_key_values``
+        (the old name still works there but warns on every decode step), ``past_key_values`` before."""
+        return "cache" if "cache" in inspect.signature(self.mllm.forward).parameters else "past_key_values"
 
     def conditioning(self, mllm_pass: MllmPass) -> tuple[torch.Tensor, torch.Tensor]:
         """The image's text conditioning from a pass: the hidden states of every fed token but the image pads —
@@ -346,41 +352,46 @@ class OmniGen2ChatPipeline:
     # -- reflection -----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def judge(self, image: PIL.Image.Image, instruction: str, max_new_tokens: int = JUDGE_MAX_NEW_TOKENS) -> str:
-        """Ask the MLLM, in a fresh one-turn conversation, whether ``image`` matches ``instruction``
-        (``REFLECT_QUESTION``); its greedy answer, special tokens removed."""
+    def judge(self, image: PIL.Image.Image, instruction: str, max_new_tokens: int | None = None) -> str:
+        """Ask the MLLM, in a fresh one-turn conversation, whether ``image`` matches ``instruction`` (the
+        protocol's question); its greedy answer, special tokens removed, at most ``max_new_tokens`` long (None:
+        the protocol's length)."""
         return self.judge_scored(image, instruction, max_new_tokens)[0]
 
     @torch.no_grad()
     def judge_scored(
-        self, image: PIL.Image.Image, instruction: str, max_new_tokens: int = JUDGE_MAX_NEW_TOKENS
+        self, image: PIL.Image.Image, instruction: str, max_new_tokens: int | None = None
     ) -> tuple[str, float]:
-        """:meth:`judge`'s answer and how sure the MLLM is of a match: at the token where the two verdicts part
-        ("the image| matches" against "the image| does not match"), the log-probability of the match branch
-        minus the mismatch branch's (-inf when the greedy answer never reaches that token). Ranks repairs the
-        MLLM rejected all of."""
-        ids, vision = self.build_inputs([Turn(REFLECT_QUESTION.format(instruction=instruction), [image])])
-        shared, match_id, mismatch_id = self._verdict_fork
-        score = [float("-inf")]
+        """:meth:`judge`'s answer and how sure the MLLM is of a match. With a protocol that has verdict texts: at
+        the token where they part ("the image| matches" against "the image| does not match"), the log-probability
+        of the match branch minus the mismatch branch's (-inf when the greedy answer never reaches that token).
+        Without (free-text answers): the greedy verdict's sign, +1 for a match, -1 for a mismatch, -inf for an
+        unparsed answer. Ranks repairs the MLLM rejected all of."""
+        protocol = self.reflection_protocol
+        ids, vision = self.build_inputs([Turn(protocol.question(instruction), [image])])
+        fork, score = self._verdict_fork, [float("-inf")]
 
         def watch(step: int, answer: list[int], logits: torch.Tensor) -> torch.Tensor:
+            shared, match_id, mismatch_id = fork
             if step == len(shared) and answer == shared:
                 logp = logits.log_softmax(-1)[0]  # (V,)
                 score[0] = float(logp[match_id] - logp[mismatch_id])  # judging is outside the denoising loop
             return logits
 
+        limit = protocol.max_new_tokens if max_new_tokens is None else max_new_tokens
+        processor = None if fork is None else watch
         with self.answering():
-            answer = self.run_mllm(ids, vision, max_new_tokens=max_new_tokens, logits_processor=watch).answer_ids
-        return self.tokenizer.decode(answer, skip_special_tokens=True).strip(), score[0]
+            answer = self.run_mllm(ids, vision, max_new_tokens=limit, logits_processor=processor).answer_ids
+        text = self.tokenizer.decode(answer, skip_special_tokens=True).strip()
+        if fork is None:
+            score[0] = {"match": 1.0, "mismatch": -1.0}.get(protocol.parse(text)[0], float("-inf"))
+        return text, score[0]
 
     @functools.cached_property
-    def _verdict_fork(self) -> tuple[list[int], int, int]:
-        """The tokens both verdicts start with, and the first token of each after them (match, mismatch);
-        tokenized once per pipeline, as every judgement reads it."""
-        match = self.tokenizer(MATCHES, add_special_tokens=False).input_ids
-        mismatch = self.tokenizer(MISMATCH, add_special_tokens=False).input_ids
-        n = next(i for i, (a, b) in enumerate(zip(match, mismatch)) if a != b)
-        return match[:n], match[n], mismatch[n]
+    def _verdict_fork(self) -> tuple[list[int], int, int] | None:
+        """The tokens both verdicts of the protocol start with, and the first token of each after them (match,
+        mismatch); None for a free-text protocol. Tokenized once per pipeline, as every judgement reads it."""
+        return self.reflection_protocol.fork(self.tokenizer)
 
     @contextlib.contextmanager
     def answering(self):
@@ -395,18 +406,20 @@ class OmniGen2ChatPipeline:
     def reflect(
         self, image, instruction: str, rounds: int, generator=None, candidates: int = 1, **image_kwargs
     ) -> list[ReflectionRound]:
-        """Judge ``image`` against ``instruction``; on "does not match: {problem}. {fix}" edit it with ``fix``
-        through the editing path (OmniGen2Pipeline, the image as input) and judge the repair; at most ``rounds``
-        repairs, every one judged (so at most ``rounds + 1`` judgements). A match or an unparsed answer ends the
-        loop. With ``candidates=k`` each repair is drawn k times (one batch, k noises) and every candidate
-        judged: the repair is the one the MLLM scores highest (:meth:`judge_scored`), among those it judges a match
-        when there are any (which ends the loop), else among all (the next round starts from it)."""
+        """Judge ``image`` against ``instruction``; on a mismatch (as the protocol reads the answer, e.g. "does not
+        match: {problem}. {fix}") edit it with ``fix`` through the editing path (OmniGen2Pipeline, the image as
+        input) and judge the repair; at most ``rounds`` repairs, every one judged (so at most ``rounds + 1``
+        judgements). A match or an unparsed answer ends the loop. With ``candidates=k`` each repair is drawn k
+        times (one batch, k noises) and every candidate judged: the repair is the one the MLLM scores highest
+        (:meth:`judge_scored`), among those it judges a match when there are any (which ends the loop), else among
+        all (the next round starts from it)."""
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
-        record, question = [], REFLECT_QUESTION.format(instruction=instruction)
+        protocol = self.reflection_protocol
+        record, question = [], protocol.question(instruction)
         answer = self.judge_scored(image, instruction)[0]
         for k in range(rounds + 1):
-            verdict, problem, fix = parse_reflection(answer)
+            verdict, problem, fix = protocol.parse(answer)
             step = ReflectionRound(question, image, answer, verdict, problem, fix)
             record.append(step)
             if verdict != "mismatch" or k == rounds:
@@ -421,7 +434,7 @@ class OmniGen2ChatPipeline:
             ).images  # (k, 3, H, W)
             tried = _to_pil(pixels)
             judged = [self.judge_scored(c, instruction) for c in tried]
-            verdicts = [parse_reflection(a)[0] for a, _ in judged]
+            verdicts = [protocol.parse(a)[0] for a, _ in judged]
             # the candidate the MLLM is surest matches: among those judged a match if any, else among all
             chosen = max(range(candidates), key=lambda i: (verdicts[i] == "match", judged[i][1]))
             answer = judged[chosen][0]  # the next round's judgement of the repair
@@ -463,20 +476,10 @@ class OmniGen2ChatPipeline:
         ``assistant_prefix`` is teacher-forced as the start of the answer (``"<|img|>"`` forces a drawing).
         Sampling settings left None come from the checkpoint, as in OmniGen2Pipeline; ``image_kwargs``
         (``cfg_range``, ``max_pixels``, ``scheduler``, ...) go to its generation call."""
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a string (one turn), got {type(prompt).__name__}")
-        images = self._check_images(input_images)
-        if reflect < 0 or max_new_tokens < 0:
-            raise ValueError(f"reflect and max_new_tokens must be >= 0, got {reflect} and {max_new_tokens}")
-        if reflect_candidates is None:
-            reflect_candidates = int(self.pipe.sampling_defaults.get("reflect_candidates", 1))
-        if reflect_candidates < 1:
-            raise ValueError(f"reflect_candidates must be >= 1, got {reflect_candidates}")
-        if output_type not in IMAGE_OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(IMAGE_OUTPUT_TYPES)}, got {output_type!r}")
-        reserved = RESERVED_IMAGE_KWARGS & set(image_kwargs)
-        if reserved:
-            raise TypeError(f"the chat pipeline sets {', '.join(sorted(reserved))} itself")
+        # 1. Check the arguments; the sampling settings of the drawing and of its repairs
+        images, reflect_candidates = self._check_call(
+            prompt, input_images, reflect, reflect_candidates, max_new_tokens, output_type, image_kwargs
+        )
         sampling = dict(
             height=height,
             width=width,
@@ -486,10 +489,49 @@ class OmniGen2ChatPipeline:
             **image_kwargs,
         )
 
-        # 1. One MLLM pass over the conversation: the answer, and the states of every token fed
+        # 2. One MLLM pass over the conversation: the answer, and the states of every token fed
         turn = Turn(prompt, images)
-        ids, vision = self.build_inputs([*self.history, turn])
         decode = (assistant_prefix, max_new_tokens, temperature, top_p, generator, logits_processor)
+        mllm_pass = self._answer([*self.history, turn], decode)
+        turn.answer = self._decode_text(mllm_pass.answer_ids)
+        result = ChatOutput(text=turn.answer, input_ids=mllm_pass.input_ids)
+
+        if self.img_token_id is not None and mllm_pass.stop == self.img_token_id:
+            # 3. "<|img|>": draw from that pass's states, the input images as references
+            drawn = self._draw(mllm_pass, images, negative_prompt, generator, sampling, result)
+            # 4. Reflection: judge the drawing against the instruction, edit it with the suggested fix
+            if reflect > 0:
+                result.rounds = self.reflect(
+                    _to_pil(drawn)[0], prompt, reflect, generator, reflect_candidates, **sampling
+                )
+            # 5. Keep the version the MLLM accepted
+            drawn = self._keep(drawn, result)
+            turn.generated = _to_pil(drawn)
+            result.images = _convert(drawn, output_type)
+        self.history.append(turn)
+        return result
+
+    def _check_call(self, prompt, input_images, reflect, candidates, max_new_tokens, output_type, image_kwargs):
+        """The call's arguments checked; the input images as a list and the repair candidates per round."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string (one turn), got {type(prompt).__name__}")
+        images = self._check_images(input_images)
+        if reflect < 0 or max_new_tokens < 0:
+            raise ValueError(f"reflect and max_new_tokens must be >= 0, got {reflect} and {max_new_tokens}")
+        if candidates is None:
+            candidates = int(self.pipe.sampling_defaults.get("reflect_candidates", 1))
+        if candidates < 1:
+            raise ValueError(f"reflect_candidates must be >= 1, got {candidates}")
+        if output_type not in IMAGE_OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(IMAGE_OUTPUT_TYPES)}, got {output_type!r}")
+        reserved = RESERVED_IMAGE_KWARGS & set(image_kwargs)
+        if reserved:
+            raise TypeError(f"the chat pipeline sets {', '.join(sorted(reserved))} itself")
+        return images, candidates
+
+    def _answer(self, turns: list[Turn], decode: tuple) -> MllmPass:
+        """The MLLM pass answering the last turn (``decode``: :meth:`run_mllm`'s arguments after the inputs)."""
+        ids, vision = self.build_inputs(turns)
         mllm_pass = self.run_mllm(ids, vision, *decode)
         if self._adapter_layers and mllm_pass.stop != self.img_token_id:
             # A text answer is decoded again with the answering adapter on (understanding and judging are
@@ -499,43 +541,37 @@ class OmniGen2ChatPipeline:
                 adapted = self.run_mllm(ids, vision, *decode)
             if adapted.stop != self.img_token_id:
                 mllm_pass = adapted
-        turn.answer = self._decode_text(mllm_pass.answer_ids)
-        result = ChatOutput(text=turn.answer, input_ids=mllm_pass.input_ids)
+        return mllm_pass
 
-        # 2. "<|img|>": draw from that pass's states, the input images as references
-        if self.img_token_id is not None and mllm_pass.stop == self.img_token_id:
-            embeds, mask = self.conditioning(mllm_pass)
-            neg = neg_mask = None
-            tgs = text_guidance_scale
-            if (tgs if tgs is not None else self.pipe.sampling_defaults.get("text_guidance_scale", 4.0)) > 1.0:
-                neg, neg_mask = self.encode_negative(negative_prompt or "")
-            drawn = self.pipe(
-                prompt_embeds=embeds,
-                prompt_attention_mask=mask,
-                negative_prompt_embeds=neg,
-                negative_prompt_attention_mask=neg_mask,
-                input_images=images or None,
-                generator=generator,
-                output_type="pt",
-                **sampling,
-            ).images  # (1, 3, H, W) in [0, 1]
-            result.prompt_embeds, result.prompt_attention_mask = embeds, mask
+    def _draw(self, mllm_pass: MllmPass, images, negative_prompt, generator, sampling: dict, result: ChatOutput):
+        """The drawing conditioned on the pass's states, (1, 3, H, W) in [0, 1]; its conditioning goes to
+        ``result``."""
+        embeds, mask = self.conditioning(mllm_pass)
+        neg = neg_mask = None
+        tgs = sampling["text_guidance_scale"]
+        if (tgs if tgs is not None else self.pipe.sampling_defaults.get("text_guidance_scale", 4.0)) > 1.0:
+            neg, neg_mask = self.encode_negative(negative_prompt or "")
+        result.prompt_embeds, result.prompt_attention_mask = embeds, mask
+        return self.pipe(
+            prompt_embeds=embeds,
+            prompt_attention_mask=mask,
+            negative_prompt_embeds=neg,
+            negative_prompt_attention_mask=neg_mask,
+            input_images=images or None,
+            generator=generator,
+            output_type="pt",
+            **sampling,
+        ).images  # (1, 3, H, W) in [0, 1]
 
-            # 3. Reflection: judge the drawing against the instruction, edit it with the suggested fix
-            if reflect > 0:
-                result.rounds = self.reflect(
-                    _to_pil(drawn)[0], prompt, reflect, generator, reflect_candidates, **sampling
-                )
-            # Round k judged version k (0: the drawing, k: the k-th repair). A repair is kept only when the MLLM
-            # judged it a match: repairs go through the editing path and can break what was right, so one it did
-            # not accept is no evidence of an improvement (docs/CHAT.md, "Reflection").
-            versions = [drawn, *(r.pixels for r in result.rounds if r.pixels is not None)]
-            result.kept = next((k for k, r in enumerate(result.rounds) if r.verdict == "match"), 0)
-            drawn = versions[result.kept]
-            turn.generated = _to_pil(drawn)
-            result.images = _convert(drawn, output_type)
-        self.history.append(turn)
-        return result
+    @staticmethod
+    def _keep(drawn: torch.Tensor, result: ChatOutput) -> torch.Tensor:
+        """The version reflection keeps, recorded in ``result.kept``. Round k judged version k (0: the drawing, k:
+        the k-th repair). A repair is kept only when the MLLM judged it a match: repairs go through the editing
+        path and can break what was right, so one it did not accept is no evidence of an improvement
+        (docs/CHAT.md, "Reflection")."""
+        versions = [drawn, *(r.pixels for r in result.rounds if r.pixels is not None)]
+        result.kept = next((k for k, r in enumerate(result.rounds) if r.verdict == "match"), 0)
+        return versions[result.kept]
 
     def _check_images(self, input_images) -> list[PIL.Image.Image]:
         if input_images is None:
@@ -611,5 +647,4 @@ __all__ = [
     "ReflectionRound",
     "Turn",
     "image_slot",
-    "parse_reflection",
 ]

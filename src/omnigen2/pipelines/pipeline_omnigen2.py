@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +55,30 @@ class Branch:
     refs: list[list[torch.Tensor] | None]
     layout: SequenceLayout
     cache: Any
+
+
+@dataclass
+class SamplingSettings:
+    """One call's sampling settings after defaults (the call's, else the checkpoint's, else the original's)."""
+
+    steps: int
+    text_guidance: float
+    image_guidance: float
+    height: int | None  # None: the default size, or the input image's (align_res)
+    width: int | None
+    cfg_range: tuple[float, float]  # guidance applies at steps i with i / steps in this range
+    cache_config: CacheConfig
+
+
+@dataclass
+class PromptStates:
+    """Text conditioning of one call: ``batch`` prompts, each row repeated for the images per prompt."""
+
+    batch: int
+    embeds: torch.Tensor  # (B * n, L, D)
+    mask: torch.Tensor  # (B * n, L), right-padded
+    negative_embeds: torch.Tensor | None  # (B * n, L', D); None without text guidance
+    negative_mask: torch.Tensor | None
 
 
 class OmniGen2Pipeline(DiffusionPipeline):
@@ -111,22 +136,21 @@ class OmniGen2Pipeline(DiffusionPipeline):
 
     @property
     def domain(self) -> str | None:
-        """What the checkpoint was trained on, when it says so (the bundled model: "shapes")."""
+        """What the checkpoint was trained on, when it says so: model_index.json's ``omnigen2_domain``, a name
+        registered in the ``omnigen2.domains`` entry points (the bundled model: "shapes")."""
         return self._model_index_extra.get("omnigen2_domain")
 
     def _check_domain(self, prompts: list[str]) -> None:
-        if self.domain != "shapes":
+        """Warn on the first prompt outside the checkpoint's domain, in the words of the domain's registered check
+        (prompt -> warning text, or None for a prompt it covers)."""
+        if self.domain is None:
             return
-        from ..shapes.grammar import in_grammar
+        from ..loading import resolve_named
 
-        outside = [p for p in prompts if not in_grammar(p)]
-        if outside:
-            warnings.warn(
-                f"the bundled model only knows the Shapes World (docs/SHAPES.md); {outside[0]!r} is outside its "
-                "grammar, so expect an arbitrary arrangement of shapes. For general prompts load the released "
-                "weights: OmniGen2Pipeline.from_pretrained('OmniGen2/OmniGen2') or --model OmniGen2/OmniGen2",
-                stacklevel=3,
-            )
+        check = resolve_named("omnigen2_domain", self.domain)
+        message = next((m for m in map(check, prompts) if m), None)
+        if message:
+            warnings.warn(message, stacklevel=_caller_stacklevel())
 
     @property
     def tokenizer(self):
@@ -196,7 +220,7 @@ class OmniGen2Pipeline(DiffusionPipeline):
                 warnings.warn(
                     f"prompt truncated to max_sequence_length={max_sequence_length} tokens (chat template "
                     f"included); dropped: {cut}",
-                    stacklevel=3,
+                    stacklevel=_caller_stacklevel(),
                 )
         ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
         # Through the model's forward (offload hooks apply); the logits are not needed: compute one position only.
@@ -284,7 +308,7 @@ class OmniGen2Pipeline(DiffusionPipeline):
             warnings.warn(
                 f"generating at {gen[1]}x{gen[0]} (sides multiples of {m}, at most max_pixels={max_pixels}) and "
                 f"resizing the result to the requested {width}x{height}",
-                stacklevel=3,
+                stacklevel=_caller_stacklevel(),
             )
         return gen, (height, width)
 
@@ -357,7 +381,149 @@ class OmniGen2Pipeline(DiffusionPipeline):
         layout = model.build_layout(mask, ref_sizes, [tuple(latents.shape[-2:])] * latents.shape[0], cap_lens=cap_lens)
         return Branch(name, text, mask.bool(), refs, layout, cache_config.make())
 
-    # -- the call -------------------------------------------------------------------------------------------
+    # -- the call: six stages -------------------------------------------------------------------------------
+
+    def _resolve_settings(
+        self,
+        num_inference_steps,
+        text_guidance_scale,
+        image_guidance_scale,
+        height,
+        width,
+        cfg_range,
+        num_images_per_prompt,
+        output_type,
+        teacache,
+        taylorseer,
+    ) -> SamplingSettings:
+        """Stage 1: check the arguments; an unset setting comes from the checkpoint's ``sampling_defaults``,
+        else from the original (28 steps, text guidance 4.0, image guidance 1.0)."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if not (0.0 <= cfg_range[0] <= cfg_range[1] <= 1.0):
+            raise ValueError(f"cfg_range must satisfy 0 <= start <= end <= 1, got {tuple(cfg_range)}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        cache_config = self.cache_config
+        if teacache is not None or taylorseer is not None:
+            cache_config = CacheConfig(teacache=teacache, taylorseer=bool(taylorseer))
+        d = self.sampling_defaults
+        return SamplingSettings(
+            steps=num_inference_steps or d.get("num_inference_steps", 28),
+            text_guidance=text_guidance_scale if text_guidance_scale is not None else d.get("text_guidance_scale", 4.0),
+            image_guidance=(
+                image_guidance_scale if image_guidance_scale is not None else d.get("image_guidance_scale", 1.0)
+            ),
+            height=height or d.get("height"),
+            width=width or d.get("width"),
+            cfg_range=(cfg_range[0], cfg_range[1]),
+            cache_config=cache_config,
+        )
+
+    def _encode_prompts(
+        self, prompts, negative_prompt, embeds, mask, negative_embeds, negative_mask, guided, n, max_length, device
+    ) -> PromptStates:
+        """Stage 2: the hidden states of ``prompts`` (unless ``embeds`` are given) and, with text guidance
+        (``guided``), of the negative prompts ("" by default), each row repeated ``n`` times."""
+        if embeds is None:
+            embeds, mask = self.encode_text(prompts, max_length, device)
+        batch = embeds.shape[0]
+        if guided and negative_embeds is None:
+            negs = negative_prompt if negative_prompt is not None else ""
+            negs = [negs] * batch if isinstance(negs, str) else list(negs)
+            if len(negs) != batch:
+                raise ValueError(f"negative_prompt has {len(negs)} entries for {batch} prompts")
+            negative_embeds, negative_mask = self.encode_text(negs, max_length, device)
+        return PromptStates(
+            batch, _repeat(embeds, n), _repeat(mask, n), _repeat(negative_embeds, n), _repeat(negative_mask, n)
+        )
+
+    def _encode_references(self, input_images, batch, n, max_pixels, max_side_length, generator, sample):
+        """Stage 3: each prompt's input images -> VAE latents (never through the MLLM). Returns them per prompt
+        (a list of (C, h, w), or None) and per sample (each prompt's repeated ``n`` times)."""
+        images = self._normalize_images(input_images, batch)
+        ref_gen = generator[0] if isinstance(generator, list) else generator
+        per_prompt = [
+            self.encode_images(imgs, max_pixels, max_side_length, ref_gen, sample) if imgs else None for imgs in images
+        ]
+        return per_prompt, [r for r in per_prompt for _ in range(n)]
+
+    def _prepare_latents(self, latents, samples: int, size: tuple[int, int], generator, device, dtype):
+        """Stage 3: the initial noise (samples, C, H / f, W / f) for the generation size ``size`` (f: the VAE's
+        downsampling factor), or the given latents after a shape check."""
+        shape = (
+            samples,
+            self.transformer.config.in_channels,
+            size[0] // self.vae_scale_factor,
+            size[1] // self.vae_scale_factor,
+        )
+        if latents is None:
+            return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for this call")
+        return latents.to(device=device, dtype=dtype)
+
+    def _sampler(self, name: str | None, steps: int, timesteps, latents, device):
+        """Stage 4a: the pipeline's scheduler, or a fresh one by ``name``, set to this call's timesteps."""
+        sched = self.scheduler
+        if name:
+            cfg = self.scheduler.config
+            sched = make_scheduler(name, cfg.get("dynamic_time_shift", True), cfg.get("time_shift_factor"))
+        num_tokens = latents.shape[-2] * latents.shape[-1]  # latent pixels: the dynamic time shift's length
+        sched.set_timesteps(steps, device=device, timesteps=timesteps, num_tokens=num_tokens)
+        return sched
+
+    def _make_branches(self, text: PromptStates, refs, latents, settings: SamplingSettings) -> list[Branch | None]:
+        """Stage 4b: [conditional, reference-only, unconditional], the guidance branches this call needs (None
+        for the others): text guidance adds the unconditional one, image guidance with input images the
+        reference-only one (negative prompt + input images), as the original."""
+        cache_config = settings.cache_config
+        cond = self._branch("cond", text.embeds, text.mask, refs, latents, cache_config)
+        if settings.text_guidance <= 1.0:
+            return [cond, None, None]
+        no_refs = [None] * latents.shape[0]
+        uncond = self._branch("uncond", text.negative_embeds, text.negative_mask, no_refs, latents, cache_config)
+        ref = None
+        if settings.image_guidance > 1.0 and any(refs):  # without input images there is nothing to guide with
+            ref = self._branch("ref", text.negative_embeds, text.negative_mask, refs, latents, cache_config)
+        return [cond, ref, uncond]
+
+    def _denoise(self, latents, sched, branches: list[Branch | None], settings: SamplingSettings, callback, step_func):
+        """Stage 5: the sampling loop. No host syncs: which branches run depends only on the step index."""
+        cond, ref, uncond = branches
+        tgs, igs = settings.text_guidance, settings.image_guidance
+        steps, vae_dtype = sched.timesteps, self.vae.dtype
+        packs: dict = {}  # packed inputs per set of active branches, built at first use
+        with self.progress_bar(total=len(steps)) as progress:
+            for i, t in enumerate(steps):
+                guided = settings.cfg_range[0] <= i / len(steps) <= settings.cfg_range[1]
+                if guided and ref is not None:
+                    pred, pred_ref, pred_uncond = self._predict([cond, ref, uncond], latents, t, i, len(steps), packs)
+                    # The original's order of operations, kept for bitwise-close parity.
+                    pred = pred_uncond + igs * (pred_ref - pred_uncond) + tgs * (pred - pred_ref)
+                elif guided and uncond is not None:
+                    pred, pred_uncond = self._predict([cond, uncond], latents, t, i, len(steps), packs)
+                    pred = pred_uncond + tgs * (pred - pred_uncond)
+                else:
+                    (pred,) = self._predict([cond], latents, t, i, len(steps), packs)
+                latents = sched.step(pred, t, latents, return_dict=False)[0].to(vae_dtype)
+                if callback is not None:
+                    out = callback(self, i, t, {"latents": latents}) or {}
+                    latents = out.get("latents", latents)
+                if step_func is not None:
+                    step_func(i, len(steps))
+                progress.update()
+        return latents
+
+    def _decode(self, latents, size: tuple[int, int], output_type: str):
+        """Stage 6: latents -> images of the requested ``size`` (resized from the generation size) in
+        ``output_type``; "latent" returns the latents as they are."""
+        if output_type == "latent":
+            return latents
+        image = self.decode_latents(latents).float()  # images leave the pipeline in float32
+        if tuple(size) != tuple(image.shape[-2:]):
+            image = F.interpolate(image, size=tuple(size), mode="bilinear")
+        return self.image_processor.postprocess(image, output_type=output_type)
 
     @torch.no_grad()
     def __call__(
@@ -398,145 +564,62 @@ class OmniGen2Pipeline(DiffusionPipeline):
         ``taylorseer=True`` switch a step cache on for this call, ``sample_reference_latents`` samples the VAE
         posterior of the input images with ``generator`` instead of taking its mean, and
         ``callback_on_step_end(pipe, step, t, {"latents": ...})`` may return replacement latents."""
-        d = self.sampling_defaults
-        num_inference_steps = num_inference_steps or d.get("num_inference_steps", 28)
-        text_guidance_scale = (
-            text_guidance_scale if text_guidance_scale is not None else d.get("text_guidance_scale", 4.0)
-        )
-        image_guidance_scale = (
-            image_guidance_scale if image_guidance_scale is not None else d.get("image_guidance_scale", 1.0)
-        )
-        height = height or d.get("height")
-        width = width or d.get("width")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        if not (0.0 <= cfg_range[0] <= cfg_range[1] <= 1.0):
-            raise ValueError(f"cfg_range must satisfy 0 <= start <= end <= 1, got {tuple(cfg_range)}")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        # 1. Check the arguments; unset sampling settings from the checkpoint, else the original's
+        settings = self._resolve_settings(
+            num_inference_steps, text_guidance_scale, image_guidance_scale, height, width, cfg_range,
+            num_images_per_prompt, output_type, teacache, taylorseer,
+        )  # fmt: skip
         self._attention_kwargs = attention_kwargs
-        cache_config = self.cache_config
-        if teacache is not None or taylorseer is not None:
-            cache_config = CacheConfig(teacache=teacache, taylorseer=bool(taylorseer))
+        device, n = self._execution_device, num_images_per_prompt
 
-        # 1. Text: conditional and (with text guidance) negative hidden states
-        device = self._execution_device
-        if prompt_embeds is None:
-            if prompt is None:
-                raise ValueError("give a prompt (or prompt_embeds)")
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        # 2. Text: hidden states of the prompts and, with text guidance, of the negative prompts (B * n rows)
+        prompts = _prompt_list(prompt) if prompt_embeds is None else None
+        if prompts is not None:
             self._check_domain(prompts)
-            prompt_embeds, prompt_attention_mask = self.encode_text(prompts, max_sequence_length, device)
-        batch = prompt_embeds.shape[0]
-        use_text_cfg = text_guidance_scale > 1.0
-        if use_text_cfg and negative_prompt_embeds is None:
-            negs = negative_prompt if negative_prompt is not None else ""
-            negs = [negs] * batch if isinstance(negs, str) else list(negs)
-            if len(negs) != batch:
-                raise ValueError(f"negative_prompt has {len(negs)} entries for {batch} prompts")
-            negative_prompt_embeds, negative_prompt_attention_mask = self.encode_text(negs, max_sequence_length, device)
-        n = num_images_per_prompt
-        prompt_embeds, prompt_attention_mask = _repeat(prompt_embeds, n), _repeat(prompt_attention_mask, n)
-        if negative_prompt_embeds is not None:
-            negative_prompt_embeds = _repeat(negative_prompt_embeds, n)
-            negative_prompt_attention_mask = _repeat(negative_prompt_attention_mask, n)
+        text = self._encode_prompts(
+            prompts, negative_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
+            negative_prompt_attention_mask, settings.text_guidance > 1.0, n, max_sequence_length, device,
+        )  # fmt: skip
 
-        # 2. Reference images -> VAE latents (never through the MLLM)
-        images = self._normalize_images(input_images, batch)
-        ref_gen = generator[0] if isinstance(generator, list) else generator
-        refs_per_prompt = [
-            self.encode_images(imgs, max_pixels, max_input_image_side_length, ref_gen, sample_reference_latents)
-            if imgs
-            else None
-            for imgs in images
-        ]
-        refs = [r for r in refs_per_prompt for _ in range(n)]  # (B * n) entries
-        if not any(refs):
-            image_guidance_scale = 1.0  # nothing to guide with
-
-        # 3. Size and initial noise
-        (gen_h, gen_w), (out_h, out_w) = self._output_size(
-            height, width, [r for r in refs_per_prompt if r], align_res, max_pixels
+        # 3. Reference images -> VAE latents, the generation and output sizes, the initial noise
+        refs_per_prompt, refs = self._encode_references(
+            input_images, text.batch, n, max_pixels, max_input_image_side_length, generator, sample_reference_latents
         )
-        shape = (
-            batch * n,
-            self.transformer.config.in_channels,
-            gen_h // self.vae_scale_factor,
-            gen_w // self.vae_scale_factor,
-        )
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
-        else:
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for this call")
-            latents = latents.to(device=device, dtype=prompt_embeds.dtype)
+        with_refs = [r for r in refs_per_prompt if r]
+        gen_size, out_size = self._output_size(settings.height, settings.width, with_refs, align_res, max_pixels)
+        latents = self._prepare_latents(latents, len(refs), gen_size, generator, device, text.embeds.dtype)
 
         # 4. Sampler and guidance branches (layouts, masks and RoPE built once)
-        sched = (
-            make_scheduler(
-                scheduler,
-                self.scheduler.config.get("dynamic_time_shift", True),
-                self.scheduler.config.get("time_shift_factor"),
-            )
-            if scheduler
-            else self.scheduler
-        )
-        sched.set_timesteps(
-            num_inference_steps, device=device, timesteps=timesteps, num_tokens=latents.shape[-2] * latents.shape[-1]
-        )
-        steps = sched.timesteps
-        cond = self._branch("cond", prompt_embeds, prompt_attention_mask, refs, latents, cache_config)
-        ref_branch = uncond = None
-        no_refs = [None] * latents.shape[0]
-        if use_text_cfg:
-            uncond = self._branch(
-                "uncond", negative_prompt_embeds, negative_prompt_attention_mask, no_refs, latents, cache_config
-            )
-            if image_guidance_scale > 1.0:
-                ref_branch = self._branch(
-                    "ref", negative_prompt_embeds, negative_prompt_attention_mask, refs, latents, cache_config
-                )
+        sched = self._sampler(scheduler, settings.steps, timesteps, latents, device)
+        branches = self._make_branches(text, refs, latents, settings)
 
-        # 5. Denoising loop (no host syncs: guidance choices depend only on the step index)
-        vae_dtype = self.vae.dtype
-        packs: dict = {}  # packed inputs per set of active branches, built at first use
-        with self.progress_bar(total=len(steps)) as progress:
-            for i, t in enumerate(steps):
-                in_range = cfg_range[0] <= i / len(steps) <= cfg_range[1]
-                tgs = text_guidance_scale if in_range else 1.0
-                igs = image_guidance_scale if in_range else 1.0
-                if tgs > 1.0 and igs > 1.0:
-                    pred, pred_ref, pred_uncond = self._predict(
-                        [cond, ref_branch, uncond], latents, t, i, len(steps), packs
-                    )
-                    # The original's order of operations, kept for bitwise-close parity.
-                    pred = pred_uncond + igs * (pred_ref - pred_uncond) + tgs * (pred - pred_ref)
-                elif tgs > 1.0:
-                    pred, pred_uncond = self._predict([cond, uncond], latents, t, i, len(steps), packs)
-                    pred = pred_uncond + tgs * (pred - pred_uncond)
-                else:
-                    (pred,) = self._predict([cond], latents, t, i, len(steps), packs)
-                latents = sched.step(pred, t, latents, return_dict=False)[0].to(vae_dtype)
-                if callback_on_step_end is not None:
-                    out = callback_on_step_end(self, i, t, {"latents": latents}) or {}
-                    latents = out.get("latents", latents)
-                if step_func is not None:
-                    step_func(i, len(steps))
-                progress.update()
+        # 5. Denoising loop
+        latents = self._denoise(latents, sched, branches, settings, callback_on_step_end, step_func)
 
-        computed = {b.name: list(b.cache.computed_steps) for b in (cond, ref_branch, uncond) if b}
         # 6. Decode, resize to the requested size, convert
-        if output_type == "latent":
-            result = latents
-        else:
-            image = self.decode_latents(latents).float()  # images leave the pipeline in float32
-            if (out_h, out_w) != tuple(image.shape[-2:]):
-                image = F.interpolate(image, size=(out_h, out_w), mode="bilinear")
-            result = self.image_processor.postprocess(image, output_type=output_type)
+        result = self._decode(latents, out_size, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (result,)
+        computed = {b.name: list(b.cache.computed_steps) for b in branches if b is not None}
         return OmniGen2PipelineOutput(images=result, computed_steps=computed)
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside this file and torch's ``no_grad`` wrapper: a warning of
+    any stage points at the line that called the pipeline."""
+    frame, level = sys._getframe(1), 1  # the function that warns
+    while frame is not None and (
+        frame.f_code.co_filename == __file__ or frame.f_code.co_filename.endswith("_contextlib.py")
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _prompt_list(prompt: str | list[str] | None) -> list[str]:
+    if prompt is None:
+        raise ValueError("give a prompt (or prompt_embeds)")
+    return [prompt] if isinstance(prompt, str) else list(prompt)
 
 
 def _repeat(x: torch.Tensor | None, n: int) -> torch.Tensor | None:

@@ -44,5 +44,6 @@ def assemble(
     pipe._processor_files = {"preprocessor_config.json": json.dumps(image_processor_config(), indent=2).encode()}
     pipe.sampling_defaults = dict(sampling_defaults or {})
     pipe._model_index_extra["omnigen2_domain"] = "shapes"  # the pipeline warns on prompts outside the grammar
+    pipe._model_index_extra["omnigen2_reflection"] = "shapes"  # the judging sentences its MLLM is taught
     pipe.save_pretrained(out_dir)
     return Path(out_dir)

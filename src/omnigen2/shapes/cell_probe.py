@@ -3,7 +3,7 @@
 Why. The miniature's vision tower drops the dot's colour: a linear probe reads it from the raw 16 x 16 pixels of a
 corner cell at 0.87 but from the merged vision token of that cell at 0.32 (chance is about 0.3), so the answering
 adapter never says "with a ... dot" in a caption, and 37 of its 46 failed captions (of 75) were right but for their
-dots (docs/BENCHMARKS.md, "The dot the vision tower drops"). The tower was trained through a language model that
+dots (docs/notes/adapter.md, "The dot the vision tower drops"). The tower was trained through a language model that
 could not read dots either, so nothing asked it to keep them; training on dot-rich captions alone moved the
 caption's dot guesses (P(" with") 0.69 on dotted objects, 0.31 on plain ones) but not the colour.
 
@@ -18,7 +18,7 @@ per-shape counts it implies at 0.97), yet the adapter answered "how many ...?" a
 A question's last token can only count by attending to the image's tokens, and an object covers one to four of
 them depending on its cell, so the share of "circle" tokens is not the number of circles. With ``count_weight``
 the probe also asks for counts an attention head can take: one linear map shared by every token, summed over the
-image's tokens, regressed on the judge's per-shape counts (docs/BENCHMARKS.md, "Counting").
+image's tokens, regressed on the judge's per-shape counts (docs/notes/adapter.md, "Counting").
 """
 
 from __future__ import annotations

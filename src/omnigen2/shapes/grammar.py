@@ -1,8 +1,8 @@
 """Recognise prompts of the Shapes World grammar (docs/SHAPES.md, shared/docs/SHAPES_WORLD.md).
 
 :func:`parse` returns ``(task, category)`` for a prompt of the grammar, or None. The bundled model only
-knows this grammar: the pipeline warns on anything else, and the chat pipeline uses the task to decide
-between drawing (``<|img|>``) and answering in text.
+knows this grammar: the pipeline warns on anything else (:func:`domain_warning`), and the chat pipeline uses the
+task to decide between drawing (``<|img|>``) and answering in text.
 """
 
 from __future__ import annotations
@@ -62,3 +62,15 @@ def parse(prompt: str) -> tuple[str, str] | None:
 
 def in_grammar(prompt: str) -> bool:
     return parse(prompt) is not None
+
+
+def domain_warning(prompt: str) -> str | None:
+    """What the pipeline warns about ``prompt`` outside the grammar, None inside it. Registered as the ``shapes``
+    domain (pyproject.toml, ``omnigen2.domains``), which the bundled checkpoint names in model_index.json."""
+    if in_grammar(prompt):
+        return None
+    return (
+        f"the bundled model only knows the Shapes World (docs/SHAPES.md); {prompt!r} is outside its grammar, so "
+        "expect an arbitrary arrangement of shapes. For general prompts load the released weights: "
+        "OmniGen2Pipeline.from_pretrained('OmniGen2/OmniGen2') or --model OmniGen2/OmniGen2"
+    )

@@ -61,8 +61,8 @@ PREFERENCE = ("recolor", "reshape", "move", "remove", "add", "background")
 KINDS = ("match", "mismatch", "partial", "unfixable", "unreadable")
 WRITTEN = ("match", "mismatch", "partial")  # the kinds that make a record
 
-# A generator answers a case with one image, or with several (a reflection's candidate repairs), each judged.
-Generate = Callable[[str, list[PIL.Image.Image], torch.Generator | None], PIL.Image.Image | list[PIL.Image.Image]]
+# A generator answers a case with one image, as ShapesBench calls it.
+Generate = Callable[[str, list[PIL.Image.Image], torch.Generator | None], PIL.Image.Image]
 
 
 @dataclass(frozen=True)
@@ -192,20 +192,18 @@ def _image_tasks(tasks: Sequence[str], what: str) -> None:
 
 
 def _judged_outputs(generate: Generate, n, split, start, tasks, progress, seed, tag, summary: ReflectionSummary):
-    """(case, inputs, k, several, output, diagnosis) for every output ``generate`` gives on n cases per task
-    (a torch generator seeded from ``(tag, seed, case)``), every diagnosis counted into ``summary``."""
+    """(case, inputs, output, diagnosis) for the output ``generate`` gives on each of n cases per task (a torch
+    generator seeded from ``(tag, seed, case)``), every diagnosis counted into ``summary``."""
     counts, per_task = Counter(), {task: Counter() for task in tasks}
     case_list = [c for task in tasks for c in cases(task, n, split=split, start=start)]
     for case in tqdm(case_list, desc=tag, disable=not progress):
         inputs = case.input_images()
         g = torch.Generator().manual_seed(stable_hash(tag, seed, case.name) % 2**63)
-        outputs = generate(case.prompt, inputs, g)
-        several = isinstance(outputs, list)
-        for k, output in enumerate(outputs if several else [outputs]):
-            d = diagnose(case, output)
-            counts[d.kind] += 1
-            per_task[case.task][d.kind] += 1
-            yield case, inputs, k, several, output, d
+        output = generate(case.prompt, inputs, g)
+        d = diagnose(case, output)
+        counts[d.kind] += 1
+        per_task[case.task][d.kind] += 1
+        yield case, inputs, output, d
     summary.kinds = {k: counts[k] for k in KINDS}
     summary.tasks = {t: {k: c[k] for k in KINDS} for t, c in per_task.items()}
 
@@ -241,24 +239,22 @@ def reflection_records(
     A record is ``{image, question, answer, instruction, category: "model-{kind}", seed}`` plus ``task``,
     ``case_category`` and ``input_images`` (the case's inputs: the judged answer only needs the output, but the
     instruction of an edit refers to them). ``generate`` is called as ShapesBench calls it, with a torch
-    generator seeded from ``(seed, case)``; when it returns a list of images (a reflection's candidate repairs),
-    each is judged and written (``images/{case}_out{k}.png``)."""
+    generator seeded from ``(seed, case)``."""
     _image_tasks(tasks, "reflection records")
     if unknown := set(kinds) - set(WRITTEN):
         raise ValueError(f"only {', '.join(WRITTEN)} diagnoses have an answer to write, not {sorted(unknown)}")
     root, summary = _start(out_dir)
-    records, fixes, saved = [], Counter(), {}  # saved: case name -> its input paths, written once
+    records, fixes = [], Counter()
     outputs = _judged_outputs(generate, n, split, start, tasks, progress, seed, "reflection-records", summary)
-    for case, inputs, k, several, output, d in outputs:
+    for case, inputs, output, d in outputs:
         if d.kind not in kinds:
             continue
         stem = _stem(case)
-        name = f"images/{stem}_out{k if several else ''}.png"
+        name = f"images/{stem}_out.png"
         output.convert("RGB").save(root / name)
-        if case.name not in saved:  # the inputs once per case, with its first written output
-            saved[case.name] = [f"images/{stem}_in{i}.png" for i in range(len(inputs))]
-            for im, path in zip(inputs, saved[case.name], strict=True):
-                im.save(root / path)
+        input_paths = [f"images/{stem}_in{i}.png" for i in range(len(inputs))]
+        for im, path in zip(inputs, input_paths, strict=True):
+            im.save(root / path)
         records.append(
             {
                 "image": name,
@@ -269,7 +265,7 @@ def reflection_records(
                 "seed": case.seed,
                 "task": case.task,
                 "case_category": case.category,
-                "input_images": saved[case.name],
+                "input_images": input_paths,
             }
         )
         if d.edit is not None:
@@ -298,15 +294,14 @@ def repair_records(
     _image_tasks(tasks, "repair records")
     root, summary = _start(out_dir)
     records, fixes = [], Counter()
-    for case, _, k, several, output, d in _judged_outputs(
-        generate, n, split, start, tasks, progress, seed, "repair-records", summary
-    ):
+    outputs = _judged_outputs(generate, n, split, start, tasks, progress, seed, "repair-records", summary)
+    for case, _, output, d in outputs:
         after = None if d.edit is None else _applied(d.edit, d.scene)
         if after is None:
             continue
-        stem = f"{_stem(case)}{k if several else ''}"
+        stem = _stem(case)
         output.convert("RGB").save(root / f"images/{stem}_in0.png")
-        render(after, stable_hash(case.name, "repair-target", k)).save(root / f"images/{stem}_out.png")
+        render(after, stable_hash(case.name, "repair-target", 0)).save(root / f"images/{stem}_out.png")
         records.append(
             {
                 "task_type": "edit",

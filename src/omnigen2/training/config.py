@@ -63,9 +63,6 @@ class ObjectiveConfig:
     shift_factor: float = 3.0  # m of the "fixed" shift (sample with the scheduler's time_shift_factor = m)
     loss_reduction: str = "element"  # "element" or "sample" (the original)
     vae_sample: bool = False  # sample the VAE posterior of the targets instead of taking its mean
-    # > 0: weight the loss towards fine detail of the target latents (edges, small marks), not in the original;
-    # see objective.detail_weights. 0 is the original's plain MSE.
-    detail_weight: float = 0.0
 
 
 @dataclass
@@ -111,8 +108,6 @@ class TrainConfig:
             raise ValueError(f"objective.time_shift must be one of {SHIFTS}, got {self.objective.time_shift!r}")
         if self.objective.time_sampler not in TIME_SAMPLERS:
             raise ValueError(f"objective.time_sampler must be one of {TIME_SAMPLERS}")
-        if not self.objective.detail_weight >= 0:
-            raise ValueError(f"objective.detail_weight must be >= 0, got {self.objective.detail_weight!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

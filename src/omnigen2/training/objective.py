@@ -67,39 +67,14 @@ def noisy_inputs(
     return xt, torch.tensor(ts, device=x1[0].device, dtype=x1[0].dtype), targets
 
 
-def detail_weights(x1: list[torch.Tensor], strength: float) -> list[torch.Tensor]:
-    """Loss weights (1, H, W) per clean latent (C, H, W) that favour fine detail, each with mean 1 (not in the
-    original; ``objective.detail_weight``).
-
-    d = |x1 - its 3x3 box blur|, summed over channels, is large at edges and small marks; the weight is
-    proportional to 1 + strength * d / mean(d). Under plain MSE a 6-pixel dot on a 64x64 image is ~1% of the
-    loss, and the miniature learned to erase dots (docs/BENCHMARKS.md)."""
-    out = []
-    for x in x1:
-        x = x.float()[None]  # (1, C, H, W)
-        blur = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-        d = (x - blur).abs().sum(1)  # (1, H, W)
-        w = 1 + strength * d / d.mean().clamp_min(1e-8)
-        out.append(w / w.mean())
-    return out
-
-
-def flow_loss(
-    pred: list[torch.Tensor],
-    target: list[torch.Tensor],
-    reduction: str = "element",
-    weights: list[torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Mean squared error over variable-size samples, optionally weighted per position (``weights``: one
-    broadcastable tensor per sample, mean 1, e.g. :func:`detail_weights`).
+def flow_loss(pred: list[torch.Tensor], target: list[torch.Tensor], reduction: str = "element") -> torch.Tensor:
+    """Mean squared error over variable-size samples.
 
     ``"element"``: every latent element of the batch weighs the same (sum of squared errors / element count).
     ``"sample"``: each sample's own mean, averaged over samples (the original; small images weigh as much as
     large ones).
     """
     sq = [(p.float() - t.float()).square() for p, t in zip(pred, target)]
-    if weights is not None:
-        sq = [s * w for s, w in zip(sq, weights)]
     if reduction == "element":
         return sum(s.sum() for s in sq) / sum(t.numel() for t in target)
     if reduction == "sample":

@@ -4,8 +4,9 @@ The transformer reads the text through ``time_caption_embed.caption_embedder``: 
 The frozen MLLM's last hidden states can be badly conditioned for that layer: on the Shapes miniature most of
 their energy lies in a few directions shared by every prompt (the template, the token position), and the words
 that differ between prompts move them by a few percent ("a blue square" and "a purple square" differ by 5% of
-the state's norm at the colour word, 1% at the shape word; docs/BENCHMARKS.md). Gradient steps on the plain
-weight learn such small directions slowly, so the model kept confusing the colours whose states are closest.
+the state's norm at the colour word, 1% at the shape word; docs/notes/transformer.md, "The colours the conditioning
+hides"). Gradient steps on the plain weight learn such small directions slowly, so the model kept confusing the
+colours whose states are closest.
 
 Training instead updates V with ``weight = V @ A``, where ``A = (M + eps)^(-1/2)`` and M is the second moment
 of the layer's inputs over training texts: in V's coordinates every input direction has unit energy, as a

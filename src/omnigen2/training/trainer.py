@@ -30,7 +30,7 @@ from .config import TrainConfig
 from .data import ImageSpec, MixtureDataset
 from .latent_cache import LatentCache
 from .lora import config_kwargs, lora_state_dict, peft_config
-from .objective import detail_weights, flow_loss, noisy_inputs
+from .objective import flow_loss, noisy_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -346,8 +346,7 @@ class Trainer:
         text, mask = self._text(batch)
         with self.acc.autocast():
             pred = self.model(xt, t, text, None, mask, refs)
-        weights = detail_weights(x1, cfg.objective.detail_weight) if cfg.objective.detail_weight > 0 else None
-        plain = flow_loss(pred, target, cfg.objective.loss_reduction, weights)
+        plain = flow_loss(pred, target, cfg.objective.loss_reduction)
         # This micro-batch's share of the step's global mean: its own mean times its element (or sample) count
         # over the step's total; DDP averages gradients over processes, hence the factor num_processes.
         count = sum(y.numel() for y in target) if cfg.objective.loss_reduction == "element" else len(target)

@@ -1,5 +1,5 @@
 """The partial-denoising diagnostic on the bundled Shapes model: its two ends are checked against what they must
-be (the figures in between are in docs/BENCHMARKS.md)."""
+be (the figures in between are in docs/notes/image-failures.md, "Where text-to-image fails")."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from experiments.partial_denoise import main, partial_denoise, partial_generate
 from omnigen2 import OmniGen2Pipeline
 from omnigen2.eval import shapesbench as sb
-from omnigen2.eval.partial_denoise import main, partial_denoise, partial_generate
 
 
 @pytest.fixture(scope="module")

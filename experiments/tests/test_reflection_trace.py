@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from experiments.reflection_trace import keep, kept_version, main, scores, trace
 from omnigen2 import OmniGen2ChatPipeline
 from omnigen2.eval import shapesbench as sb
-from omnigen2.eval.reflection_trace import keep, kept_version, main, scores, trace
 from omnigen2.pipelines.pipeline_chat import IMG_TOKEN
 from omnigen2.shapes.tasks import MATCHES
 
@@ -40,7 +40,7 @@ def test_keep_policies():
 def test_accepted_is_what_the_chat_pipeline_returns(tiny_pipe, monkeypatch):
     """A scripted judge (mismatch, mismatch, match): the trace's versions and verdicts, and for 1, 2 and 3 repairs
     the chat pipeline returns exactly the version the "accepted" policy names."""
-    chat = OmniGen2ChatPipeline(tiny_pipe)
+    chat = OmniGen2ChatPipeline(tiny_pipe, reflection="shapes")  # the scripted answers are Shapes sentences
     script = [MISMATCH_ANSWER, MISMATCH_ANSWER, MATCHES]
     answers = iter(())
     monkeypatch.setattr(chat, "judge_scored", lambda image, instruction, max_new_tokens=64: (next(answers), 0.0))
@@ -62,7 +62,7 @@ def test_accepted_is_what_the_chat_pipeline_returns(tiny_pipe, monkeypatch):
 def test_candidates_trace_what_the_chat_pipeline_returns(tiny_pipe, monkeypatch):
     """Two candidates per repair, scripted (verdict, score) judgements: the trace records every candidate's pass
     and verdict, and the chat pipeline keeps the version the "accepted" policy names."""
-    chat = OmniGen2ChatPipeline(tiny_pipe)
+    chat = OmniGen2ChatPipeline(tiny_pipe, reflection="shapes")  # the scripted answers are Shapes sentences
     no, yes = MISMATCH_ANSWER, MATCHES
     script = [(no, -3.0), (no, -2.0), (no, -1.0), (no, -1.0), (yes, 1.0)]
     answers = iter(())

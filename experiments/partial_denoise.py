@@ -5,9 +5,9 @@ x_t0 = t0 x1 + (1 - t0) x0 with x1 the VAE latents of the case's canonical targe
 pipeline then runs the sampling times above t0 (t0 first). At t0 near 1 only the last steps are the model's, so
 the score tells whether it finishes an image cleanly; as t0 falls, more of the layout, colours and shapes are
 left to the model, and at t0 = 0 it is plain ShapesBench. The t0 where the score collapses is where training has
-to improve (docs/BENCHMARKS.md)::
+to improve (docs/notes/image-failures.md, "Where text-to-image fails")::
 
-    python -m omnigen2.eval.partial_denoise [MODEL] [--n 120] [--tasks t2i] [--t0 0.85 0.5 0.2]
+    python experiments/partial_denoise.py [MODEL] [--n 120] [--tasks t2i] [--t0 0.85 0.5 0.2]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 
 import torch
 
-from . import shapesbench as sb
+from omnigen2.eval import shapesbench as sb
 
 T0S = (0.85, 0.5, 0.2)
 
@@ -64,9 +64,9 @@ def partial_denoise(pipe, n: int = 120, tasks=("t2i",), t0s=T0S, progress: bool 
 
 
 def main(argv=None) -> int:
-    from ..pipelines import OmniGen2Pipeline
+    from omnigen2.pipelines import OmniGen2Pipeline
 
-    p = argparse.ArgumentParser(prog="python -m omnigen2.eval.partial_denoise", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python experiments/partial_denoise.py", description=__doc__.split("\n")[0])
     p.add_argument("model", nargs="?", default="builtin:shapes", help="pipeline directory or builtin:NAME")
     p.add_argument("--n", type=int, default=120, help="held-out cases per task")
     p.add_argument("--tasks", default="t2i", help="comma-separated image tasks: t2i, edit, ic")

@@ -7,7 +7,7 @@ regression fitted on 80% of the prompts and scored on the rest. Reading c2 at th
 for a causal language model (the word comes later) and gives the chance level of the probe. A probe standardises
 each feature, so it reads differences of any size; ``colour_separation`` says how large they are::
 
-    python -m omnigen2.eval.text_binding [MODEL] [--n 3000]
+    python experiments/text_binding.py [MODEL] [--n 3000]
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _states(pipe, prompts, batch: int = 100):
 
 def binding_probe(pipe, n: int = 3000, seed: int = 0) -> dict[str, float]:
     """READS name -> probe test accuracy over ``n`` random two-object prompts (distinct colours and shapes)."""
-    from ..shapes.world import COLORS, SHAPES
+    from omnigen2.shapes.world import COLORS, SHAPES
 
     if n < 50:
         raise ValueError(f"n must be at least 50 to fit and test the probes, got {n}")
@@ -106,7 +106,7 @@ def colour_separation(pipe, shape: str = "square") -> dict[str, dict]:
     ``last``: the prompt's last token), the pairwise distances relative to the states' norm: ``matrix`` (6 x 6),
     ``min`` and its pair ``closest``, ``mean``. A linear probe reads even a 1% difference (it standardises each
     feature); gradient training of the transformer learns such small directions slowly."""
-    from ..shapes.world import COLORS
+    from omnigen2.shapes.world import COLORS
 
     colors = list(COLORS)
     prompts = [f"a {c} {shape}" for c in colors]
@@ -128,9 +128,9 @@ def colour_separation(pipe, shape: str = "square") -> dict[str, dict]:
 
 
 def main(argv=None) -> int:
-    from ..pipelines import OmniGen2Pipeline
+    from omnigen2.pipelines import OmniGen2Pipeline
 
-    p = argparse.ArgumentParser(prog="python -m omnigen2.eval.text_binding", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python experiments/text_binding.py", description=__doc__.split("\n")[0])
     p.add_argument("model", nargs="?", default="builtin:shapes", help="pipeline directory or builtin:NAME")
     p.add_argument("--n", type=int, default=3000, help="two-object prompts (80%% fit the probes, 20%% test)")
     args = p.parse_args(argv)

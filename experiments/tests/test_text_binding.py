@@ -1,12 +1,13 @@
 """The colour-binding probe on the official-tiny checkpoint (random weights): what a causal language model can
-and cannot carry, whatever it learned. The bundled model's figures are in docs/BENCHMARKS.md."""
+and cannot carry, whatever it learned. The bundled model's figures are in docs/notes/transformer.md,
+"The colours the conditioning hides", and docs/notes/image-failures.md, "Where text-to-image fails"."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from omnigen2.eval.text_binding import READS, SEPARATION_TOKENS, binding_probe, colour_separation
+from experiments.text_binding import READS, SEPARATION_TOKENS, binding_probe, colour_separation
 
 
 def test_probe_reads_what_the_tokens_hold_and_not_the_future(tiny_pipe):

@@ -12,14 +12,19 @@ there instead of from a perturbed function:
   so the layer leaves the identity on the first step.
 
 Zeroing both the gate and the output norm of one branch would leave it at the identity for ever (each one's
-gradient is proportional to the other), which is why the modulated layers keep their norms at one.
+gradient is proportional to the other), which is why the modulated layers keep their norms at one. A grown
+pipeline, to train on with ``omnigen2 train`` (``model.pretrained: OUT``)::
+
+    python experiments/grow_refiners.py builtin:shapes runs/grown --layers 2
 """
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
-from ..models.transformer_omnigen2 import OmniGen2Transformer2DModel
+from omnigen2.models.transformer_omnigen2 import OmniGen2Transformer2DModel
 
 
 def grow_refiners(model: OmniGen2Transformer2DModel, layers: int, seed: int = 0) -> OmniGen2Transformer2DModel:
@@ -44,3 +49,24 @@ def grow_refiners(model: OmniGen2Transformer2DModel, layers: int, seed: int = 0)
             blk.norm1.linear.weight.zero_()  # adaLN-zero, as initialize_weights leaves it: said, not assumed
             blk.norm1.linear.bias.zero_()
     return grown.to(dtype=next(model.parameters()).dtype)
+
+
+def main(argv=None) -> int:
+    from omnigen2.pipelines import OmniGen2Pipeline
+
+    p = argparse.ArgumentParser(prog="python experiments/grow_refiners.py", description=__doc__.split("\n")[0])
+    p.add_argument("model", help="pipeline directory or builtin:NAME")
+    p.add_argument("out", help="where the grown pipeline is written")
+    p.add_argument("--layers", type=int, required=True, help="refiner layers of the grown transformer")
+    args = p.parse_args(argv)
+    pipe = OmniGen2Pipeline.from_pretrained(args.model)
+    pipe.transformer = grow_refiners(pipe.transformer, args.layers)
+    pipe.register_modules(transformer=pipe.transformer)
+    pipe.save_pretrained(args.out)
+    params = sum(x.numel() for x in pipe.transformer.parameters())
+    print(f"{args.out}: {args.layers} refiner layers, {params:,} parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

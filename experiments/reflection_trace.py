@@ -12,7 +12,7 @@ keep policy and any number of repairs N <= ``--repairs`` follows without drawing
 
 ``accepted`` with N repairs is exactly what ``OmniGen2ChatPipeline(reflect=N)`` returns (a test checks it)::
 
-    python -m omnigen2.eval.reflection_trace [MODEL] [--n 300] [--tasks t2i] [--split eval] [--repairs 3]
+    python experiments/reflection_trace.py [MODEL] [--n 300] [--tasks t2i] [--split eval] [--repairs 3]
         [--candidates K] [--seed S]
 """
 
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from ..shapes import judge
-from ..shapes.tasks import Case, cases
-from . import shapesbench as sb
+from omnigen2.eval import shapesbench as sb
+from omnigen2.shapes import judge
+from omnigen2.shapes.tasks import Case, cases
 
 POLICIES = ("none", "last", "accepted", "oracle")
 
@@ -36,7 +36,7 @@ def trace(chat, case: Case, generator: torch.Generator, repairs: int = 3, images
     """One case: the drawing and its chained repairs (``chat.reflect``), with the judge's pass of every version
     and the MLLM's verdict on each (``images``: the versions too, as PIL images). ``kwargs`` go to the chat call
     (sampling settings)."""
-    from ..pipelines.pipeline_chat import IMG_TOKEN
+    from omnigen2.pipelines.pipeline_chat import IMG_TOKEN
 
     inputs = case.input_images()
     chat.reset()
@@ -114,9 +114,9 @@ def table(traces: list[dict], repairs: int) -> str:
 
 
 def main(argv=None) -> int:
-    from ..pipelines import OmniGen2ChatPipeline, OmniGen2Pipeline
+    from omnigen2.pipelines import OmniGen2ChatPipeline, OmniGen2Pipeline
 
-    p = argparse.ArgumentParser(prog="python -m omnigen2.eval.reflection_trace", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python experiments/reflection_trace.py", description=__doc__.split("\n")[0])
     p.add_argument("model", nargs="?", default="builtin:shapes", help="pipeline directory or builtin:NAME")
     p.add_argument("--n", type=int, default=300, help="cases per task")
     p.add_argument("--tasks", default="t2i", help="comma-separated image tasks: t2i, edit, ic")

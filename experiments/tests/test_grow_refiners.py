@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from experiments.grow_refiners import grow_refiners
 from omnigen2 import OmniGen2Transformer2DModel
-from omnigen2.training.grow import grow_refiners
 
 
 def _trained_tiny() -> OmniGen2Transformer2DModel:

@@ -7,7 +7,7 @@ that fix is drawn through each given model's editing path (``OmniGen2Pipeline``,
 with K noises, one batch, as a reflection round draws its candidates. Every repair is scored by the judge
 against the case. The MLLM's verdicts and fixes play no part: the same drawings and fixes go to every model::
 
-    python -m omnigen2.eval.repair_probe [MODEL ...] [--n 300] [--candidates 4] [--seed 0]
+    python experiments/repair_probe.py [MODEL ...] [--n 300] [--candidates 4] [--seed 0]
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import PIL.Image
 import torch
 
-from ..shapes import judge
-from ..shapes.reflection import diagnose
-from ..shapes.tasks import Case, Edit, cases, stable_hash
-from . import shapesbench as sb
+from omnigen2.eval import shapesbench as sb
+from omnigen2.shapes import judge
+from omnigen2.shapes.reflection import diagnose
+from omnigen2.shapes.tasks import Case, Edit, cases, stable_hash
 
 
 @dataclass
@@ -76,9 +76,9 @@ def repair_rates(pipe, repairs: list[Repair], candidates: int = 4) -> RepairRate
 
 
 def main(argv=None) -> int:
-    from ..pipelines import OmniGen2ChatPipeline, OmniGen2Pipeline
+    from omnigen2.pipelines import OmniGen2ChatPipeline, OmniGen2Pipeline
 
-    p = argparse.ArgumentParser(prog="python -m omnigen2.eval.repair_probe", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python experiments/repair_probe.py", description=__doc__.split("\n")[0])
     p.add_argument("models", nargs="*", default=["builtin:shapes"], help="pipelines; the first one draws")
     p.add_argument("--n", type=int, default=300, help="held-out t2i cases drawn")
     p.add_argument("--candidates", type=int, default=4, help="noises per repair")

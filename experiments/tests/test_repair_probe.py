@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from omnigen2.eval.repair_probe import Repair, one_edit_repairs, repair_rates
+from experiments.repair_probe import Repair, one_edit_repairs, repair_rates
 from omnigen2.shapes import judge
 from omnigen2.shapes.reflection import diagnose
 from omnigen2.shapes.render import render

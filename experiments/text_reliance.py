@@ -3,9 +3,10 @@ the error with another case's prompt, on text-to-image training cases, at a few 
 
 A model that ignores its text has the same error either way (every prompt draws the same picture); one that
 follows it is much closer with the right prompt near pure noise, where the prompt decides the picture. This is
-the diagnostic that found the miniature's time-shift and curriculum problems (docs/BENCHMARKS.md)::
+the diagnostic that found the miniature's time-shift and curriculum problems (docs/notes/transformer.md, "The cause:
+time sampling" and "Text-to-image first")::
 
-    python -m omnigen2.eval.text_reliance PIPELINE_DIR [--n 24]
+    python experiments/text_reliance.py PIPELINE_DIR [--n 24]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ TIMES = (0.02, 0.05, 0.1, 0.2, 0.4)  # t = 0 is pure noise (x_t = t x1 + (1 - t)
 def text_reliance(pipe, n: int = 24, times=TIMES, seed: int = 0) -> dict[float, dict[str, float]]:
     """t -> {"right": MSE of the x1 estimate with each case's prompt, "swapped": with the next case's prompt}, in
     scaled latent units, over ``n`` text-to-image training cases (not ShapesBench's held-out seeds)."""
-    from ..shapes.tasks import cases
+    from omnigen2.shapes.tasks import cases
 
     if n < 2:
         raise ValueError(f"n must be at least 2 to swap prompts, got {n}")
@@ -48,9 +49,9 @@ def text_reliance(pipe, n: int = 24, times=TIMES, seed: int = 0) -> dict[float, 
 
 
 def main(argv=None) -> int:
-    from ..pipelines import OmniGen2Pipeline
+    from omnigen2.pipelines import OmniGen2Pipeline
 
-    p = argparse.ArgumentParser(prog="python -m omnigen2.eval.text_reliance", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python experiments/text_reliance.py", description=__doc__.split("\n")[0])
     p.add_argument("model", help="pipeline directory, hub id or builtin:NAME (a Shapes World model)")
     p.add_argument("--n", type=int, default=24)
     args = p.parse_args(argv)

@@ -1,0 +1,1 @@
+"""Research diagnostics and lab tools outside the installed package (README.md); each runs as a script."""
