@@ -61,6 +61,7 @@ def sample_mse(pipe, four_samples) -> float:
     return err / len(cases)
 
 
+@pytest.mark.slow  # 32 s on 2 idle CPU cores (Xeon, torch 2.13): trains until the loss drops 10x
 def test_overfits_four_samples(base_config, four_samples, tmp_path):
     cfg = config_from_dict(
         base_config(
@@ -85,6 +86,7 @@ def test_overfits_four_samples(base_config, four_samples, tmp_path):
     assert mse_after < 0.5 * mse_before, (mse_before, mse_after)
 
 
+@pytest.mark.slow  # 16 s on 2 idle CPU cores
 def test_learns_to_follow_the_prompt(base_config, four_samples, tmp_path):
     """Two images that differ only by their prompt: after training, the model's estimate of the clean latents
     from nearly pure noise must be far better with the right prompt than with the other one. (The overfitting
@@ -187,6 +189,7 @@ def test_gradient_accumulation_averages(base_config, tmp_path):
     )
 
 
+@pytest.mark.slow  # 8-10 s each on 2 idle CPU cores: two `accelerate launch` processes
 @pytest.mark.parametrize("precondition_text", [False, True])
 def test_two_processes_match_one(base_config, tmp_path, precondition_text):
     import yaml
