@@ -6,7 +6,7 @@ judged, up to ``--repairs``. The ShapesBench judge scores every version. From on
 keep policy and any number of repairs N <= ``--repairs`` follows without drawing again:
 
 - ``none``: the drawing (reflect=0);
-- ``last``: the last repair, judged or not (the rule before 2026-11-29: N judgements, N repairs);
+- ``last``: the last repair, judged or not (the chat pipeline's earlier rule: N judgements, N repairs);
 - ``accepted``: the version the MLLM judged a match, else the drawing (the chat pipeline's rule);
 - ``oracle``: passes when any version passes (what a perfect choice among the versions would give).
 

@@ -1,4 +1,7 @@
-"""A stand-in for the generation pipeline that records what the chat pipeline asks of it."""
+"""Test doubles of the chat tests: a stand-in for the generation pipeline that records what the chat pipeline
+asks of it, and a logits processor that scripts the MLLM's answer."""
+
+import torch
 
 
 class Spy:
@@ -13,3 +16,14 @@ class Spy:
 
     def __getattr__(self, name):
         return getattr(self.pipe, name)
+
+
+def script(tokens: list[int]):
+    """A logits processor that makes decode step k emit tokens[k] (the states still come from the decode)."""
+
+    def force(step, answer, logits):
+        forced = torch.full_like(logits, -torch.inf)
+        forced[0, tokens[step]] = 0.0
+        return forced
+
+    return force

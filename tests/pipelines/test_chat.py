@@ -16,7 +16,7 @@ from omnigen2.images import ImageError
 from omnigen2.pipelines.pipeline_chat import Turn, image_slot
 from omnigen2.shapes.protocol import parse_reflection
 from omnigen2.shapes.tasks import MATCHES, REFLECT_QUESTION, make_case
-from tests.pipelines.spy import Spy
+from tests.pipelines.spy import Spy, script
 
 KW = dict(height=64, width=64, num_inference_steps=2)
 ORIGINAL_SYSTEM = "You are a helpful assistant that generates high-quality images based on user instructions."
@@ -33,17 +33,6 @@ def chat(tiny_pipe):
 @pytest.fixture(scope="module")
 def inputs(official_tiny):
     return {n: Image.open(official_tiny / "cases" / f"{n}.png").convert("RGB") for n in ("in_a", "in_b", "in_c")}
-
-
-def script(tokens: list[int]):
-    """A logits processor that makes decode step k emit tokens[k] (the states still come from the decode)."""
-
-    def force(step, answer, logits):
-        forced = torch.full_like(logits, -torch.inf)
-        forced[0, tokens[step]] = 0.0
-        return forced
-
-    return force
 
 
 def ban(token_ids):
@@ -427,7 +416,10 @@ def test_judge_asks_in_a_fresh_conversation(chat, inputs):
     n = int((ids == chat.image_token_id).sum())
     trained = UnderstandingBatcher(chat.tokenizer, chat.vision_processor).prompt(question, n)
     assert chat.tokenizer.decode(ids[0]) == trained and trained.count(image_slot(1, n)) == 1
-    assert isinstance(chat.judge(inputs["in_a"], "a red circle", max_new_tokens=3), str)
+    with chat.answering():  # the judge's answer is the greedy answer to exactly these inputs
+        greedy = chat.run_mllm(ids, vision, max_new_tokens=3).answer_ids
+    expected = chat.tokenizer.decode(greedy, skip_special_tokens=True).strip()
+    assert len(greedy) == 3 and chat.judge(inputs["in_a"], "a red circle", max_new_tokens=3) == expected
 
 
 # -- bad input --------------------------------------------------------------------------------------------------

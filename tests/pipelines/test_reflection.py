@@ -16,7 +16,7 @@ import torch
 from omnigen2 import OmniGen2ChatPipeline, OmniGen2Pipeline, loading
 from omnigen2.loading import CheckpointError, inspect_layout, registered, resolve_named
 from omnigen2.pipelines.reflection import PROMPTED, ReflectionProtocol, parse_prompted, read_verdict, resolve_protocol
-from tests.pipelines.spy import Spy
+from tests.pipelines.spy import Spy, script
 
 KW = dict(height=64, width=64, num_inference_steps=2)
 FIX = "Make the circle blue."
@@ -231,17 +231,6 @@ def test_domain_warning_comes_from_the_registered_check(tiny_pipe, monkeypatch):
 # -- the prompted protocol in the chat, on the official-tiny checkpoint ------------------------------------------
 
 
-def force(tokens: list[int]):
-    """A logits processor that makes decode step k emit tokens[k]."""
-
-    def proc(step, answer, logits):
-        forced = torch.full_like(logits, -torch.inf)
-        forced[0, tokens[step]] = 0.0
-        return forced
-
-    return proc
-
-
 @pytest.fixture
 def chat(tiny_pipe):
     chat = OmniGen2ChatPipeline(tiny_pipe)
@@ -262,7 +251,7 @@ def judge_says(chat, monkeypatch):
             return real(ids, vision, assistant_prefix, *args, **kwargs)
         seen.append((tok.decode(ids[0]), kwargs["max_new_tokens"]))
         tokens = [*tok(answers.pop(0), add_special_tokens=False).input_ids, end]
-        kwargs.update(max_new_tokens=len(tokens), logits_processor=force(tokens))
+        kwargs.update(max_new_tokens=len(tokens), logits_processor=script(tokens))
         return real(ids, vision, **kwargs)
 
     monkeypatch.setattr(chat, "run_mllm", run_mllm)
