@@ -253,7 +253,7 @@ def test_size_below_one_patch(pipe):
 def test_prompt_over_max_sequence_length_warns_and_truncates(pipe):
     long_a = "A red circle on a blue square, " * 20 + "at night."
     long_b = "A green triangle under a yellow sun, " * 20 + "in winter."
-    with pytest.warns(UserWarning, match="truncated to max_sequence_length=20"):
+    with pytest.warns(UserWarning, match=r"truncated to 20 tokens \(max_sequence_length"):
         a = pipe(prompt=long_a, max_sequence_length=20, latents=latents(), **SMALL, output_type="pt").images
     assert a.shape == (1, 3, 64, 64) and torch.isfinite(a).all()
     # both prompts are cut to the same first 20 tokens (the chat template's start), so the images are the same

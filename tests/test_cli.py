@@ -188,6 +188,26 @@ def test_help_shows_every_default(cmd):
         assert "default" in entries[action.option_strings[-1]], (cmd, entries[action.option_strings[-1]])
 
 
+ALL_COMMANDS = [
+    ("generate",), ("chat",), ("bench",), ("train",), ("export",), ("eval", "shapes"), ("eval", "omnicontext"),
+    ("batch",), ("serve",), ("app",),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("cmd", ALL_COMMANDS)
+def test_every_numeric_option_has_a_checked_range(cmd):
+    """No option parses with bare int or float (which take nan, inf and negatives): each number goes through
+    omnigen2.cli.Number, which refuses what the option cannot mean, as one argparse error line."""
+    from omnigen2.cli import Number
+
+    for action in _subparser(*cmd)._actions:
+        assert action.type not in (int, float), (cmd, action.option_strings)
+        if isinstance(action.type, Number):
+            for bad in ("nan", "inf", "-inf", "x"):
+                with pytest.raises(argparse.ArgumentTypeError):
+                    action.type(bad)
+
+
 def test_help_names_the_output_defaults():
     assert _help_entries("generate")["--output"].endswith("(default: omnigen2.png)")
     assert _help_entries("eval", "shapes")["--out"].endswith("(default: shapesbench)")

@@ -294,6 +294,24 @@ def test_save_over_itself_and_sampling_defaults_roundtrip(ckpt_copy):
     assert torch.equal(before, generate(again, num_inference_steps=None))
 
 
+def test_a_save_that_fails_keeps_the_old_directory_and_leaves_no_temporary(ckpt_copy, monkeypatch):
+    import errno
+
+    pipe = load(ckpt_copy)
+    before = {p.relative_to(ckpt_copy): p.read_bytes() for p in ckpt_copy.rglob("*") if p.is_file()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipe.vae, "save_pretrained", disk_full)  # after the transformer's shards were written
+    with pytest.raises(OSError, match=f"could not save the pipeline to {ckpt_copy}: No space left") as err:
+        pipe.save_pretrained(ckpt_copy)
+    assert err.value.errno == errno.ENOSPC
+    assert not list(ckpt_copy.parent.glob("*.tmp-save")) and not list(ckpt_copy.parent.glob("*.old-save"))
+    after = {p.relative_to(ckpt_copy): p.read_bytes() for p in ckpt_copy.rglob("*") if p.is_file()}
+    assert after == before
+
+
 # -- pickle weights ------------------------------------------------------------------------------------------
 
 

@@ -9,11 +9,59 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from .limits import DESCRIPTIONS, FLAGS, Limits
+
 DEFAULT_MODEL = "builtin:shapes"
+# -o's extension picks the format; the generation settings go into each file (``image_metadata``).
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+class Number:
+    """An argparse ``type`` for an int or a finite float in a range. ``check`` applies the same rule to a value
+    that did not come from the command line (``omnigen2 batch`` records), so a flag and a record field agree."""
+
+    def __init__(self, kind: type, least=None, most=None, above=None, rule: str | None = None):
+        self.kind, self.least, self.most, self.above = kind, least, most, above
+        self.__name__ = "integer" if kind is int else "number"  # argparse names the type in its messages
+        parts = [f">= {least}" if least is not None else "", f"> {above}" if above is not None else ""]
+        parts.append(f"<= {most}" if most is not None else "")
+        self.rule = rule or " and ".join(p for p in parts if p)
+
+    def __call__(self, text: str):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{'an integer' if self.kind is int else 'a number'} expected, got {text!r}"
+            ) from None
+        problem = self.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"must be {problem}, got {text!r}")
+        return value
+
+    def problem(self, value) -> str | None:
+        """What ``value`` (already of ``kind``) breaks, or None."""
+        if self.kind is float and not math.isfinite(value):
+            return f"a finite number{' ' + self.rule if self.rule else ''}"
+        low = self.least is not None and value < self.least
+        if low or (self.above is not None and value <= self.above) or (self.most is not None and value > self.most):
+            return self.rule
+        return None
+
+
+POSITIVE_INT = Number(int, least=1)
+COUNT = Number(int, least=0)
+NONNEG_FLOAT = Number(float, least=0)
+FRACTION = Number(float, least=0, most=1)
+SEED = Number(int, least=0, most=2**64 - 1, rule="in [0, 2**64)")  # torch's manual_seed takes < 2**64
+POSITIVE_FLOAT = Number(float, above=0)
+PORT = Number(int, least=0, most=65535)  # 0: any free port
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -30,10 +78,18 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose help shows the defaults; subcommands inherit it (add_subparsers' parser_class)."""
+    """An ArgumentParser whose help shows the defaults and whose usage errors are one line, as ``main``'s;
+    subcommands inherit it (add_subparsers' parser_class)."""
 
     def __init__(self, *args, formatter_class=_HelpFormatter, **kwargs):
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"omnigen2: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def _add_model_and_sampling(p, image_help: str) -> None:
@@ -41,21 +97,49 @@ def _add_model_and_sampling(p, image_help: str) -> None:
     where it runs."""
     p.add_argument("-i", "--input-image", dest="images", action="append", default=[], metavar="IMAGE", help=image_help)
     p.add_argument("--model", default=None, help=f"pipeline directory or hub id (default: {DEFAULT_MODEL})")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, else 28)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--steps", type=POSITIVE_INT, default=None, help="denoising steps (default: the model's, else 28)")
+    p.add_argument("--seed", type=SEED, default=0, help="random seed")
     size = "(default: the model's, else 1024 for the released VAE; with one -i: the input image's, always)"
-    p.add_argument("--height", type=int, default=None, help=f"image height in pixels {size}")
-    p.add_argument("--width", type=int, default=None, help=f"image width in pixels {size}")
+    p.add_argument("--height", type=POSITIVE_INT, default=None, help=f"image height in pixels {size}")
+    p.add_argument("--width", type=POSITIVE_INT, default=None, help=f"image width in pixels {size}")
     p.add_argument(
-        "--text-guidance", type=float, default=None, help="text guidance scale (default: the model's, else 4)"
+        "--text-guidance", type=NONNEG_FLOAT, default=None, help="text guidance scale (default: the model's, else 4)"
     )
     p.add_argument(
-        "--image-guidance", type=float, default=None, help="image guidance scale (default: the model's, else 1)"
+        "--image-guidance", type=NONNEG_FLOAT, default=None, help="image guidance scale (default: the model's, else 1)"
     )
     p.add_argument("--negative-prompt", default=None, help='negative prompt of text guidance (default: "")')
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: cuda if available)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) weights")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
+    limits = p.add_argument_group("limits (a request beyond one is refused before the model loads)")
+    for name, flag in FLAGS.items():
+        default = getattr(Limits(), name)
+        limits.add_argument(
+            flag, dest=f"limit_{name}", type=POSITIVE_INT, default=default, metavar="N", help=DESCRIPTIONS[name]
+        )
+
+
+def _limits(args) -> Limits:
+    """The command line's bounds, checked against what it asks for before anything loads (the pipeline checks
+    again, with the model's defaults filled in)."""
+    limits = Limits(**{name: getattr(args, f"limit_{name}") for name in FLAGS})
+    if args.steps is not None:
+        limits.check("steps", args.steps, f"--steps {args.steps}")
+    if args.height is not None and args.width is not None:
+        pixels = args.height * args.width
+        limits.check("output_pixels", pixels, f"--height {args.height} x --width {args.width} = {pixels} pixels")
+    if getattr(args, "num_images", None) is not None:
+        limits.check("images_per_prompt", args.num_images, f"--num-images {args.num_images}")
+    if getattr(args, "max_sequence_length", None) is not None:
+        limits.check("prompt_tokens", args.max_sequence_length, f"--max-sequence-length {args.max_sequence_length}")
+    for name, dest, flag in (("reflect", "reflect", "--reflect"), ("new_tokens", "max_new_tokens", "--max-new-tokens")):
+        if getattr(args, dest, None) is not None:
+            limits.check(name, getattr(args, dest), f"{flag} {getattr(args, dest)}")
+    if getattr(args, "reflect_candidates", None) is not None:
+        limits.check("images_per_prompt", args.reflect_candidates, f"--reflect-candidates {args.reflect_candidates}")
+    return limits
 
 
 def _add_generate(sub) -> None:
@@ -71,23 +155,25 @@ def _add_generate(sub) -> None:
         "-o",
         "--output",
         default="omnigen2.png",
-        help="output PNG; with several images: OUT_0.png, OUT_1.png, ... and a grid OUT_grid.png",
+        help="output file, .png, .jpg/.jpeg or .webp (the extension picks the format; none: .png), or an existing "
+        "folder (FOLDER/omnigen2.png); with several images: OUT_0.png, OUT_1.png, ... and a grid OUT_grid.png. "
+        "Existing files are kept unless --overwrite",
     )
     p.add_argument(
         "--cfg-range",
-        type=float,
+        type=FRACTION,
         nargs=2,
         default=(0.0, 1.0),
         metavar=("A", "B"),
         help="apply guidance for steps whose fraction i/N lies in [A, B] (default: 0 1, every step)",
     )
-    p.add_argument("--num-images", type=int, default=1, help="images to generate")
+    p.add_argument("--num-images", type=POSITIVE_INT, default=1, help="images to generate")
     p.add_argument(
         "--scheduler", choices=["euler", "dpmsolver++"], default=None, help="sampler (default: the model's, euler)"
     )
     p.add_argument(
         "--teacache",
-        type=float,
+        type=NONNEG_FLOAT,
         nargs="?",
         const=0.05,
         default=None,
@@ -95,9 +181,13 @@ def _add_generate(sub) -> None:
         help="enable TeaCache with threshold T (0.05 when T is left out; default: off)",
     )
     p.add_argument("--taylorseer", action="store_true", help="enable TaylorSeer")
-    p.add_argument("--max-pixels", type=int, default=1024 * 1024, help="pixel budget of input and output images")
-    p.add_argument("--max-input-side", type=int, default=1024, help="longest side of an input image")
-    p.add_argument("--max-sequence-length", type=int, default=1024, help="prompt tokens kept (longer: truncated)")
+    p.add_argument(
+        "--max-pixels", type=POSITIVE_INT, default=1024 * 1024, help="pixel budget of input and output images"
+    )
+    p.add_argument("--max-input-side", type=POSITIVE_INT, default=1024, help="longest side of an input image")
+    p.add_argument(
+        "--max-sequence-length", type=POSITIVE_INT, default=1024, help="prompt tokens kept (longer: truncated)"
+    )
     p.add_argument(
         "--no-align-res",
         dest="align_res",
@@ -123,20 +213,26 @@ def _add_chat(sub) -> None:
         "--output",
         default="chat",
         help="output prefix (OUT.png, and OUT_round0.png, OUT_round1.png, ... for the versions reflection "
-        "went through) or an existing directory (DIR/chat.png, ...); default: chat",
+        "went through; OUT.jpg or OUT.webp for those formats) or an existing directory (DIR/chat.png, ...); "
+        "default: chat",
     )
-    p.add_argument("--reflect", type=int, default=0, metavar="N", help="repairs after drawing, each judged")
+    p.add_argument("--reflect", type=COUNT, default=0, metavar="N", help="repairs after drawing, each judged")
     p.add_argument(
         "--reflect-candidates",
-        type=int,
+        type=POSITIVE_INT,
         default=None,
         metavar="K",
         help="repairs drawn per reflection round, the MLLM keeping the one it judges best (default: the model's)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
+    p.add_argument("--max-new-tokens", type=COUNT, default=256, help="longest answer in tokens")
     p.add_argument("--force-image", action="store_true", help="start the answer with <|img|>: always draw")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
+    p.add_argument("--temperature", type=NONNEG_FLOAT, default=0.0, help="sampling temperature (default: 0, greedy)")
+    p.add_argument(
+        "--top-p",
+        type=Number(float, above=0, most=1),
+        default=1.0,
+        help="nucleus sampling threshold (with --temperature)",
+    )
     p.set_defaults(func=cmd_chat)
 
 
@@ -145,15 +241,15 @@ def _device_dtype_and_images(args):
     5, each readable), so that bad arguments fail before the slow part."""
     import torch
 
+    from .errors import LimitError
     from .images import load_image
+    from .limits import MAX_INPUT_IMAGES
     from .loading import parse_device, parse_dtype
 
     dtype = parse_dtype(args.dtype)
     device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if len(args.images) > 5:
-        raise ValueError(f"{len(args.images)} input images given; OmniGen2 takes at most 5")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if len(args.images) > MAX_INPUT_IMAGES:
+        raise LimitError(f"{len(args.images)} input images given; OmniGen2 takes at most {MAX_INPUT_IMAGES}")
     return device, dtype, [load_image(p) for p in args.images]
 
 
@@ -162,14 +258,15 @@ def cmd_chat(args) -> int:
 
     from .pipelines import OmniGen2ChatPipeline
 
-    if args.reflect < 0:
-        raise ValueError(f"--reflect must be >= 0, got {args.reflect}")
-    if args.reflect_candidates is not None and args.reflect_candidates < 1:
-        raise ValueError(f"--reflect-candidates must be >= 1, got {args.reflect_candidates}")
+    limits = _limits(args)
+    base = _chat_base(args.output)
+    versions = [base.with_name(f"{base.stem}_round{k}{base.suffix}") for k in range(args.reflect + 1)]
+    check_outputs([base, *versions] if args.reflect else [base], args.overwrite)
     device, dtype, images = _device_dtype_and_images(args)
     model = args.model or DEFAULT_MODEL
 
     chat = OmniGen2ChatPipeline.from_pretrained(model, torch_dtype=dtype, device=device, allow_pickle=args.allow_pickle)
+    chat.pipe.limits = limits
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = chat(
         args.prompt,
@@ -198,11 +295,6 @@ def cmd_chat(args) -> int:
         print(f"kept: repair {out.kept}" if out.kept else "kept: the drawing (no repair was judged a match)")
     if not out.images:
         return 0
-    base = Path(args.output)
-    if base.is_dir() or args.output.endswith(("/", "\\")):
-        base = base / "chat"
-    elif base.suffix.lower() == ".png":
-        base = base.with_suffix("")
     params = {
         "prompt": args.prompt,
         "input_images": args.images,
@@ -216,12 +308,12 @@ def cmd_chat(args) -> int:
     }
     written = []
     if any(r.image is not None for r in out.rounds):  # every version the reflection went through
-        versions = [out.rounds[0].judged, *(r.image for r in out.rounds if r.image is not None)]
-        for k, im in enumerate(versions):
-            written.append(base.with_name(f"{base.name}_round{k}.png"))
-            _save_png(im, written[-1], {**params, "round": k})
-    written.append(base.with_name(f"{base.name}.png"))
-    _save_png(out.images[0], written[-1], params)
+        drawn = [out.rounds[0].judged, *(r.image for r in out.rounds if r.image is not None)]
+        for k, im in enumerate(drawn):
+            written.append(versions[k])
+            save_image(im, versions[k], {**params, "round": k}, overwrite=args.overwrite)
+    written.append(base)
+    save_image(out.images[0], base, params, overwrite=args.overwrite)
     for p in written:
         print(f"wrote {p}")
     return 0
@@ -243,26 +335,35 @@ def _add_bench(sub) -> None:
     )
     p.add_argument("--prompt", default="a red circle above a blue square", help="the prompt of --model's timed call")
     p.add_argument(
-        "--height", type=int, default=None, help="image height (default: 128 for a preset, the model's with --model)"
+        "--height",
+        type=POSITIVE_INT,
+        default=None,
+        help="image height (default: 128 for a preset, the model's with --model)",
     )
     p.add_argument(
-        "--width", type=int, default=None, help="image width (default: 128 for a preset, the model's with --model)"
+        "--width",
+        type=POSITIVE_INT,
+        default=None,
+        help="image width (default: 128 for a preset, the model's with --model)",
     )
     p.add_argument(
         "--num-images",
-        type=int,
+        type=COUNT,
         default=None,
         help="input (reference) images (default: 1 for a preset, whose 3 guidance branches need one; 0 with --model: "
         "a text-only call)",
     )
-    p.add_argument("--branches", type=int, choices=[1, 2, 3], default=3, help="guidance branches")
+    p.add_argument("--branches", type=POSITIVE_INT, choices=[1, 2, 3], default=3, help="guidance branches")
     p.add_argument(
-        "--steps", type=int, default=None, help="denoising steps (default: 6 for a preset, the model's with --model)"
+        "--steps",
+        type=POSITIVE_INT,
+        default=None,
+        help="denoising steps (default: 6 for a preset, the model's with --model)",
     )
     p.add_argument("--device", default="cpu", help="where it runs")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights and activations")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs (medians are reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
+    p.add_argument("--repeats", type=POSITIVE_INT, default=3, help="timed runs (medians are reported)")
+    p.add_argument("--warmup", type=COUNT, default=1, help="untimed runs before them")
     p.add_argument("--sequential-guidance", action="store_true", help="one transformer call per branch")
     p.add_argument(
         "--attention", choices=["auto", "sdpa", "math", "flash_varlen"], default="auto", help="attention backend"
@@ -272,7 +373,7 @@ def _add_bench(sub) -> None:
     p.add_argument(
         "--offload", choices=["none", "model", "sequential", "group"], default="none", help="CPU offload of weights"
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
         "--write", type=Path, default=None, metavar="MD", help="add the result to this markdown file (default: none)"
     )
@@ -332,11 +433,15 @@ def _add_train(sub) -> None:
         help="override a config field, e.g. --set train.lr=1e-4 (repeatable; default: none)",
     )
     p.add_argument(
-        "--resume", default=None, metavar="latest|PATH", help="continue a run from a checkpoint (default: a new run)"
+        "--resume",
+        default=None,
+        metavar="latest|auto|PATH",
+        help="continue a run: latest (its newest checkpoint; an error when there is none), auto (the newest "
+        "checkpoint if any, else a new run) or a checkpoint folder (default: a new run)",
     )
     p.add_argument(
         "--max-steps",
-        type=int,
+        type=POSITIVE_INT,
         default=None,
         help="stop after this many more steps, for testing (default: run to the config's train.steps)",
     )
@@ -379,17 +484,21 @@ def _add_eval(sub) -> None:
         "the MLLM. --model oracle gives the right answers (a self-check of the judge).",
     )
     s.add_argument("--model", default=DEFAULT_MODEL, help="pipeline directory, hub id or oracle")
-    s.add_argument("--n", type=int, default=60, help="cases per task, spread over its categories")
+    s.add_argument("--n", type=POSITIVE_INT, default=60, help="cases per task, spread over its categories")
     s.add_argument(
         "--tasks",
         default="t2i,edit,ic",
         help="comma-separated: t2i, edit, ic, understanding, reflection (default: t2i,edit,ic)",
     )
     s.add_argument("--out", default="shapesbench", help="folder for report.json and samples.png")
-    s.add_argument("--seed", type=int, default=0, help="sampling seed")
-    s.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    s.add_argument("--text-guidance", type=float, default=None, help="text guidance scale (default: the model's)")
-    s.add_argument("--image-guidance", type=float, default=None, help="image guidance scale (default: the model's)")
+    s.add_argument("--seed", type=SEED, default=0, help="sampling seed")
+    s.add_argument("--steps", type=POSITIVE_INT, default=None, help="denoising steps (default: the model's)")
+    s.add_argument(
+        "--text-guidance", type=NONNEG_FLOAT, default=None, help="text guidance scale (default: the model's)"
+    )
+    s.add_argument(
+        "--image-guidance", type=NONNEG_FLOAT, default=None, help="image guidance scale (default: the model's)"
+    )
     s.add_argument(
         "--categories",
         default=None,
@@ -398,7 +507,7 @@ def _add_eval(sub) -> None:
     )
     s.add_argument(
         "--reflect",
-        type=int,
+        type=COUNT,
         default=None,
         metavar="N",
         help="draw image cases through the chat pipeline, the MLLM deciding to draw, then N reflection rounds "
@@ -411,14 +520,14 @@ def _add_eval(sub) -> None:
     )
     s.add_argument(
         "--reflect-candidates",
-        type=int,
+        type=POSITIVE_INT,
         default=None,
         metavar="K",
         help="with --reflect: repairs drawn per round, the MLLM keeping the one it judges best (default: the model's)",
     )
     s.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=POSITIVE_INT,
         default=None,
         metavar="N",
         help="longest chat answer in tokens, for understanding and --reflect (default: the chat's, 256)",
@@ -532,16 +641,115 @@ def _grid(images):
     return grid
 
 
-def _save_png(image, path: Path, params: dict) -> None:
-    from PIL.PngImagePlugin import PngInfo
+def output_paths(output: str, count: int, default_name: str = "omnigen2.png") -> list[Path]:
+    """The files ``generate -o OUTPUT`` writes for ``count`` images: OUTPUT itself for one image, else OUT_k.EXT
+    for each and the grid OUT_grid.EXT. An existing folder (or a name ending in "/") means a file inside it; no
+    extension means .png; any other extension than OUTPUT_FORMATS' is refused, not swapped."""
+    path = Path(output)
+    if path.is_dir() or output.endswith(("/", os.sep)):
+        path = path / default_name
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    _output_format(path)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{k}{path.suffix}") for k in range(count)] + [
+        path.with_name(f"{path.stem}_grid{path.suffix}")
+    ]
 
-    info = PngInfo()
-    info.add_text("parameters", json.dumps(params, sort_keys=True))
-    info.add_text("Software", f"omnigen2 {_version()}")
+
+def _chat_base(output: str) -> Path:
+    """``chat -o``'s main file: OUT.png for a prefix OUT (the versions add _roundK), DIR/chat.png for a folder."""
+    base = Path(output)
+    if base.is_dir() or output.endswith(("/", os.sep)):
+        base = base / "chat"
+    if base.suffix.lower() not in OUTPUT_FORMATS:
+        if base.suffix:
+            _output_format(base)  # refused: an extension that is no image format
+        base = base.with_name(base.name + ".png")
+    return base
+
+
+def _output_format(path: Path) -> str:
+    fmt = OUTPUT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(
+            f"output {str(path)!r}: unknown image extension {path.suffix!r}; use one of {', '.join(OUTPUT_FORMATS)}"
+        )
+    return fmt
+
+
+def check_outputs(paths: list[Path], overwrite: bool) -> None:
+    """Before the model loads: each output may be written (not a folder; absent, or ``overwrite``), and the
+    folder it goes in can be created and written to (probed with a temporary file, removed at once)."""
+    for p in paths:
+        if p.is_dir():
+            raise IsADirectoryError(f"output {str(p)!r} is a folder; name a file inside it")
+    existing = [str(p) for p in paths if p.exists() or p.is_symlink()]
+    if existing and not overwrite:
+        shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise FileExistsError(f"output {shown} exists; pass --overwrite to replace it, or choose another -o")
+    for folder in dict.fromkeys(p.parent for p in paths):
+        _probe_folder(folder)
+
+
+def _probe_folder(folder: Path) -> None:
+    """Raise OSError naming ``folder`` when files cannot be written there; nothing is created (the nearest
+    existing parent is probed for a folder that does not exist yet)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"cannot write into {str(folder)!r}: {str(existing)!r} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".omnigen2-probe-")
+    except OSError as e:
+        raise PermissionError(f"cannot write into {str(folder)!r}: {e.strerror or e}") from e
+    os.close(fd)
+    os.unlink(probe)
+
+
+def image_metadata(fmt: str, params: dict) -> dict:
+    """``PIL.Image.save`` keywords that keep the generation settings in the file: PNG text chunks
+    ("parameters": the settings as JSON, "Software"); for JPEG and WebP the same JSON in EXIF ImageDescription
+    (0x010E) and the version in EXIF Software (0x0131). JPEG at quality 95, WebP lossless."""
+    text = json.dumps(params, sort_keys=True)  # ASCII (escaped), as EXIF ImageDescription requires
+    software = f"omnigen2 {_version()}"
+    if fmt == "PNG":
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text("parameters", text)
+        info.add_text("Software", software)
+        return {"pnginfo": info}
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x010E], exif[0x0131] = text, software
+    quality = {"quality": 95} if fmt == "JPEG" else {"lossless": True}
+    return {"exif": exif.tobytes(), **quality}
+
+
+def save_image(image, path: Path, params: dict, overwrite: bool = True) -> None:
+    """Write ``image`` to ``path`` in the format of its extension, settings included (``image_metadata``):
+    through PATH.tmp renamed over PATH, so PATH is complete or untouched, and PATH.tmp never outlives the call."""
+    fmt = _output_format(path)
+    if not overwrite and path.exists():  # appeared while the images were generated
+        raise FileExistsError(f"output {str(path)!r} exists; pass --overwrite to replace it, or choose another -o")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
+    tmp = path.with_name(path.name + ".tmp")  # the name omnigen2 batch looks for after a killed run
+    try:
+        image.save(tmp, format=fmt, **image_metadata(fmt, params))
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, a failing rename: name the file, not only the errno
+        raise OSError(e.errno, f"cannot write {str(path)!r}: {e.strerror or e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_png(image, path: Path, params: dict) -> None:
+    """``save_image`` for callers that always write PNG (omnigen2 batch, the app)."""
+    save_image(image, path, params)
 
 
 def generate_call_kwargs(args, images, generator) -> dict:
@@ -598,39 +806,32 @@ def cmd_generate(args) -> int:
 
     from .pipelines import OmniGen2Pipeline
 
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
     if args.teacache is not None and args.taylorseer:
         raise ValueError("--teacache and --taylorseer are alternatives; pick one")
+    limits = _limits(args)
+    paths = output_paths(args.output, args.num_images)
+    check_outputs(paths, args.overwrite)  # before the slow part: the files must be writable afterwards
     device, dtype, images = _device_dtype_and_images(args)
     model = args.model or DEFAULT_MODEL
 
     t0 = time.perf_counter()
     pipe = OmniGen2Pipeline.from_pretrained(model, torch_dtype=dtype, device=device, allow_pickle=args.allow_pickle)
+    pipe.limits = limits
     load_s = time.perf_counter() - t0
     generator = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.perf_counter()
     out = pipe(**generate_call_kwargs(args, images, generator))
     gen_s = time.perf_counter() - t0
     params = generate_png_params(args, model, pipe, device)
-    out_path = Path(args.output)
-    if out_path.suffix.lower() != ".png":
-        out_path = out_path.with_suffix(".png")
-    written = []
     if len(out.images) == 1:
-        _save_png(out.images[0], out_path, params)
-        written.append(out_path)
+        save_image(out.images[0], paths[0], params, overwrite=args.overwrite)
     else:
         for k, im in enumerate(out.images):
-            p = out_path.with_name(f"{out_path.stem}_{k}.png")
-            _save_png(im, p, {**params, "index": k})
-            written.append(p)
-        grid = out_path.with_name(f"{out_path.stem}_grid.png")
-        _save_png(_grid(out.images), grid, params)
-        written.append(grid)
+            save_image(im, paths[k], {**params, "index": k}, overwrite=args.overwrite)
+        save_image(_grid(out.images), paths[-1], params, overwrite=args.overwrite)
     size = "x".join(map(str, out.images[0].size))
     print(f"loaded {model} in {load_s:.1f}s; generated {len(out.images)} image(s) of {size} in {gen_s:.1f}s")
-    for p in written:
+    for p in paths:
         print(f"wrote {p}")
     return 0
 
@@ -640,9 +841,14 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = None if argv is None else list(argv[1:])
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
-        print(f"omnigen2: error: {e}", file=sys.stderr)
+    except DOCUMENTED_ERRORS as e:  # bad input: one line; anything else is a bug and keeps its traceback
+        print(f"omnigen2: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+# What ``main`` reports in one line with exit code 2: omnigen2.errors.OmniGen2Error (a ValueError), ValueError,
+# TypeError, OSError (a file that exists, cannot be read or written) and ImportError (a missing extra).
+DOCUMENTED_ERRORS = (ValueError, TypeError, OSError, ImportError)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint_check
+from .errors import CheckpointError
+
 DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -60,10 +63,6 @@ BUILTIN_PREFIX = "builtin:"
 # packages register the names (pyproject.toml, [project.entry-points."omnigen2.reflection"]); a checkpoint only
 # picks one, so nothing it names is imported by module path.
 NAMED_KEYS = {"omnigen2_reflection": "omnigen2.reflection", "omnigen2_domain": "omnigen2.domains"}
-
-
-class CheckpointError(ValueError):
-    """The checkpoint directory is missing something, or names something we do not load."""
 
 
 def parse_dtype(dtype) -> torch.dtype | None:
@@ -185,8 +184,7 @@ def _weights_present(folder: Path, component: str, allow_pickle: bool) -> None:
     safet = [f for f in files if f.endswith(".safetensors")]
     pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
     for index_name in (f for f in files if f.endswith(".safetensors.index.json")):
-        index = json.loads((folder / index_name).read_text())
-        missing = sorted({v for v in index.get("weight_map", {}).values()} - set(files))
+        missing = sorted(set(checkpoint_check.read_index(folder / index_name).values()) - set(files))
         if missing:
             raise CheckpointError(f"{folder}/{index_name} lists shards that are missing: {', '.join(missing)}")
     if safet:
@@ -206,10 +204,7 @@ def inspect_layout(root: Path, allow_pickle: bool = False, skip=()) -> dict:
     index_file = root / "model_index.json"
     if not index_file.is_file():
         raise CheckpointError(f"{root} has no model_index.json: not an OmniGen2 pipeline directory")
-    try:
-        index = json.loads(index_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{index_file} is not valid JSON: {e}") from e
+    index = checkpoint_check.read_json(index_file)
     classes = _component_classes()
     needed = [c for c in COMPONENTS if c not in skip]
     missing = [c for c in needed if c not in index]
@@ -243,10 +238,18 @@ def inspect_layout(root: Path, allow_pickle: bool = False, skip=()) -> dict:
     return index
 
 
-def load_pipeline(cls, name_or_path, torch_dtype=None, device=None, allow_pickle: bool = False, **overrides):
-    """Build an ``OmniGen2Pipeline`` from the released layout. ``overrides`` replace components by name."""
-    from transformers import AutoTokenizer
-
+def load_pipeline(
+    cls,
+    name_or_path,
+    torch_dtype=None,
+    device=None,
+    allow_pickle: bool = False,
+    check_memory: bool = True,
+    **overrides,
+):
+    """Build an ``OmniGen2Pipeline`` from the released layout. ``overrides`` replace components by name. The whole
+    checkpoint is checked before any model is allocated (``prevalidate``); ``check_memory=False`` skips only the
+    comparison with the machine's free memory (for CPU offload)."""
     dtype = parse_dtype(torch_dtype) or torch.float32
     dev = parse_device(device)
     unknown = set(overrides) - set(COMPONENTS)
@@ -254,31 +257,19 @@ def load_pipeline(cls, name_or_path, torch_dtype=None, device=None, allow_pickle
         raise TypeError(f"unexpected arguments: {', '.join(sorted(unknown))}")
     root = resolve_path(name_or_path, allow_pickle)
     index = inspect_layout(root, allow_pickle, skip=overrides)
+    prevalidate(root, index, overrides, dtype, dev, allow_pickle, check_memory)
     classes = _component_classes()
-    safe = None if allow_pickle else True
-    parts = {}
-    for comp in COMPONENTS:
-        if comp in overrides:
-            parts[comp] = overrides[comp]
-            continue
-        cls_name = index[comp][1]
-        target = classes[comp][cls_name]
-        folder = root / comp
-        if comp == "transformer":
-            parts[comp] = target.from_pretrained(folder, torch_dtype=dtype, use_safetensors=safe)
-        elif comp == "vae":
-            parts[comp] = target.from_pretrained(folder, torch_dtype=dtype, use_safetensors=safe)
-        elif comp == "scheduler":
-            parts[comp] = target.from_pretrained(folder)
-        elif comp == "mllm":
-            parts[comp] = target.from_pretrained(folder, dtype=dtype, use_safetensors=safe)
-        else:
-            parts[comp] = AutoTokenizer.from_pretrained(folder)
+    parts = dict(overrides)
+    if "processor" not in parts:  # cheap, and a junk tokenizer is refused before the models load
+        parts["processor"] = _load_tokenizer(root / "processor")
+    for comp in ("transformer", "vae", "scheduler", "mllm"):
+        if comp not in parts:
+            parts[comp] = _load_component(comp, classes[comp][index[comp][1]], root / comp, dtype, allow_pickle)
     for comp in ("transformer", "vae", "mllm"):
         if comp not in overrides:
             _own_aligned_memory(parts[comp])
         parts[comp].eval()
-    pipe = cls(**parts)
+    pipe = cls(**{c: parts[c] for c in COMPONENTS})
     pipe._processor_files = {
         f: (root / "processor" / f).read_bytes() for f in PROCESSOR_EXTRA_FILES if (root / "processor" / f).is_file()
     }
@@ -290,6 +281,72 @@ def load_pipeline(cls, name_or_path, torch_dtype=None, device=None, allow_pickle
     return pipe
 
 
+def prevalidate(root: Path, index: dict, overrides, dtype, device, allow_pickle=False, check_memory=True) -> None:
+    """Everything ``load_pipeline`` can check before allocating a model (see ``omnigen2.checkpoint_check``):
+    configs, shard headers and indexes, every expected tensor and its shape, the tokenizer files, the sampling
+    defaults and, with ``check_memory``, the memory the models will take at ``dtype``."""
+    classes = _component_classes()
+    sizes, configs = {}, {}
+    for comp in ("transformer", "vae", "mllm"):
+        if comp in overrides:
+            config = getattr(overrides[comp], "config", {})
+            configs[comp] = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            continue
+        folder = root / comp
+        cls = classes[comp][index[comp][1]]
+        if allow_pickle and not any(folder.glob("*.safetensors")):  # pickle headers cannot be read unpickled
+            config = checkpoint_check.check_config(comp, folder / "config.json")
+            expected = checkpoint_check.expected_tensors(comp, cls, folder, config)
+        else:
+            expected = checkpoint_check.check_component(comp, cls, folder)
+        configs[comp] = checkpoint_check.read_json(folder / "config.json")
+        sizes[comp] = checkpoint_check.model_bytes(expected, dtype)
+    if "processor" not in overrides:
+        checkpoint_check.check_processor(root / "processor")
+    if "omnigen2_sampling" in index:
+        multiple = checkpoint_check.size_multiple(configs["vae"], configs["transformer"])
+        checkpoint_check.check_sampling(root / "model_index.json", index["omnigen2_sampling"], multiple)
+    check_reflection_adapter(root)
+    if check_memory and sizes:
+        checkpoint_check.check_memory(sizes, dtype, device)
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # whatever the tokenizer classes raise for files they cannot use
+        files = ", ".join(sorted(f.name for f in folder.iterdir() if f.is_file()))
+        raise CheckpointError(
+            f"{folder}: the tokenizer could not be loaded from {files} ({type(e).__name__}: {e})"
+        ) from e
+
+
+def _load_component(comp: str, target, folder: Path, dtype, allow_pickle: bool):
+    """``target.from_pretrained(folder)``; any error that still escapes it (or a tensor it reports missing) is a
+    CheckpointError naming the folder and its weight files, with the original as ``__cause__``."""
+    safe = None if allow_pickle else True
+    try:
+        if comp == "scheduler":
+            return target.from_pretrained(folder)
+        if comp == "mllm":
+            model, info = target.from_pretrained(folder, dtype=dtype, use_safetensors=safe, output_loading_info=True)
+        else:
+            model, info = target.from_pretrained(
+                folder, torch_dtype=dtype, use_safetensors=safe, output_loading_info=True
+            )
+    except Exception as e:  # noqa: BLE001 - every library error becomes one message naming the files
+        files = ", ".join(sorted(f.name for f in folder.iterdir() if f.is_file()))
+        raise CheckpointError(f"{folder}: loading the {comp} failed ({type(e).__name__}: {e}); files: {files}") from e
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise CheckpointError(
+            f"{comp}: tensors missing from {folder}: {', '.join(missing[:5])}; they would load as random initialisation"
+        )
+    return model
+
+
 REFLECTION_ADAPTER_DIR = "mllm_reflection"  # optional: a LoRA adapter of the MLLM used for judging turns
 
 
@@ -299,12 +356,38 @@ def load_reflection_adapter(root: Path) -> dict | None:
     folder = Path(root) / REFLECTION_ADAPTER_DIR
     if not (folder / "adapter_config.json").is_file():
         return None
+    config = check_reflection_adapter(root)
+    from .training.lora import check_pairs, read_safetensors
+
+    weights = folder / "adapter_model.safetensors"
+    state_dict = read_safetensors(weights)[0]
+    check_pairs(state_dict, weights)
+    return {"config": config, "state_dict": state_dict}
+
+
+def check_reflection_adapter(root: Path) -> dict | None:
+    """The adapter's config (rank, alpha, target modules) and a readable weights file; returns the config."""
+    folder = Path(root) / REFLECTION_ADAPTER_DIR
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        return None
+    config = checkpoint_check.read_json(config_file)
+    checkpoint_check.check_fields(
+        config_file,
+        config,
+        {"r": checkpoint_check.Field("int", 1, 65536), "lora_alpha": checkpoint_check.Field("float")},
+    )
+    for name in ("r", "target_modules"):
+        if name not in config:
+            raise CheckpointError(f"{config_file} lacks the field {name!r}")
+    targets = config["target_modules"]
+    if not (isinstance(targets, str) or isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise CheckpointError(f"{config_file}: field 'target_modules' is {targets!r}; it must be a string or strings")
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
-        raise FileNotFoundError(f"{folder} has adapter_config.json but no adapter_model.safetensors")
-    from safetensors.torch import load_file
-
-    return {"config": json.loads((folder / "adapter_config.json").read_text()), "state_dict": load_file(weights)}
+        raise CheckpointError(f"{folder} has adapter_config.json but no adapter_model.safetensors")
+    checkpoint_check.read_header(weights)
+    return config
 
 
 def save_reflection_adapter(adapter: dict, root: Path) -> None:
@@ -337,9 +420,31 @@ def _atomic_dir(target: Path):
 
 
 def save_pipeline(pipe, save_directory, max_shard_size: str = "5GB") -> None:
-    """Write the released layout; the directory is replaced only once everything is written."""
+    """Write the released layout; the directory is replaced only once everything is written. A write that fails
+    (a full disk) leaves ``save_directory`` as it was and no temporary folder behind."""
     target = Path(save_directory)
     tmp = _atomic_dir(target)
+    try:
+        _write_layout(pipe, tmp, max_shard_size)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise OSError(
+                e.errno, f"could not save the pipeline to {target}: {e.strerror or e}; nothing of it was kept"
+            ) from e
+        raise
+    if target.exists():
+        old = target.with_name(target.name + ".old-save")
+        if old.exists():
+            shutil.rmtree(old)
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(target)
+
+
+def _write_layout(pipe, tmp: Path, max_shard_size: str) -> None:
     sched_name = type(pipe.scheduler).__name__
     index = {
         "_class_name": "OmniGen2Pipeline",
@@ -364,12 +469,3 @@ def save_pipeline(pipe, save_directory, max_shard_size: str = "5GB") -> None:
     for name, data in pipe._processor_files.items():
         if not (tmp / "processor" / name).exists():
             (tmp / "processor" / name).write_bytes(data)
-    if target.exists():
-        old = target.with_name(target.name + ".old-save")
-        if old.exists():
-            shutil.rmtree(old)
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(target)

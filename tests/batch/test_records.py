@@ -102,6 +102,30 @@ def test_command_line_defaults_are_checked():
         check_defaults(SPECS, {**DEFAULTS, "steps": 0})
 
 
+def test_records_beyond_a_limit_are_refused_unless_the_flag_raises_it(tmp_path):
+    from omnigen2.limits import Limits
+
+    big = Limits().steps + 50
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"id": "a", "prompt": "p", "steps": big, "height": 4096, "width": 8192}) + "\n")
+    records, errors = parse_records(path, SPECS, DEFAULTS)
+    assert not records and "is above the limit of" in errors[0].reason and "--limit-output-pixels" in errors[0].reason
+    raised = Limits(output_pixels=4096 * 8192)
+    records, errors = parse_records(path, SPECS, DEFAULTS, raised)
+    assert (
+        not records
+        and f'"steps" {big} is above the limit of' in errors[0].reason
+        and "--limit-steps" in errors[0].reason
+    )
+    records, errors = parse_records(path, SPECS, DEFAULTS, Limits(output_pixels=4096 * 8192, steps=big))
+    assert not errors and records[0].settings["steps"] == big
+    args = _generate_parser()  # batch declares generate's bounds that apply to a record
+    from omnigen2.cli import build_parser
+
+    batch = build_parser().parse_args(["batch", "r.jsonl", "-o", "out", "--limit-steps", str(big)])
+    assert batch.limit_steps == big and args.parse_args(["p"]).limit_steps == Limits().steps
+
+
 def test_batch_help_is_light_and_shows_defaults():
     code = (
         "import sys, contextlib, io\n"

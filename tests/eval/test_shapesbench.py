@@ -150,7 +150,9 @@ def test_reflect_records_rounds_and_self_verdicts(official_tiny, chat, monkeypat
     assert agree["n"] == 2 and agree["unparsed"] + agree["match_failed"] + agree["mismatch_failed"] == 2
     assert data["summary"]["tasks"]["t2i"]["reflection"]["rounds"] == 1.0
     assert main([*args, "--reflect-candidates", "2", "--out", str(tmp_path)]) == 2  # needs --reflect N > 0
-    assert main([*args, "--reflect", "1", "--reflect-candidates", "0", "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as refused:  # argparse refuses the value: usage error, exit code 2
+        main([*args, "--reflect", "1", "--reflect-candidates", "0", "--out", str(tmp_path)])
+    assert refused.value.code == 2
 
     # Scripted verdicts on the (failing) random drawings: a match disagrees; a mismatch agrees and is repaired,
     # and the repair, judged a match, is kept.

@@ -75,7 +75,8 @@ def test_resume_continues_the_same_run(base_config, tmp_path):
     assert second.resume("latest") and second.step == 2
     second.fit()
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    assert max(abs(x - y) for x, y in zip(a[2:], b[3:])) <= 1e-6
+    assert len(a) == len(b) == 6  # the step-3 line of the first try was dropped on resume
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
     for k in full.ema.shadow:
         assert torch.allclose(full.ema.shadow[k], second.ema.shadow[k], atol=1e-6), k
 

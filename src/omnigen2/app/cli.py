@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..cli import PORT, POSITIVE_INT
+
 DEFAULT_MODEL = "builtin:shapes"
 
 
@@ -21,14 +23,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="pipeline directory, hub id or builtin:NAME")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port to listen on")
+    p.add_argument("--port", type=PORT, default=7860, help="port to listen on")
     p.add_argument("--share", action="store_true", help="also publish the page through a gradio.live link")
     p.add_argument(
         "--auth", default=None, metavar="USER:PASS", help="require this login (default: none; OMNIGEN2_APP_AUTH)"
     )
     p.add_argument(
         "--max-concurrency",
-        type=int,
+        type=POSITIVE_INT,
         default=1,
         help="requests run at once (pipeline calls still take turns: one model is loaded); the rest wait in line",
     )

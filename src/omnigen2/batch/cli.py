@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from .records import RUN_FIELDS, SAMPLING_FIELDS
+from ..cli import POSITIVE_INT
+from .records import LIMIT_FIELDS, RUN_FIELDS, SAMPLING_FIELDS
 
 
 def _generate_parser() -> argparse.ArgumentParser:
@@ -57,14 +58,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sampling = p.add_argument_group("sampling: the default of every record that leaves the field out")
     for name in SAMPLING_FIELDS:
         _copy_flag(sampling, actions[name])
+    limits = p.add_argument_group("limits (a record beyond one is refused while the records are read)")
+    for name in LIMIT_FIELDS:
+        _copy_flag(limits, actions[f"limit_{name}"])
     ray = p.add_argument_group("--engine ray")
     ray.add_argument(
         "--actors",
-        type=int,
+        type=POSITIVE_INT,
         default=None,
         help="pipeline actors, one model each (default: one per GPU of the cluster; 1 without GPUs)",
     )
-    ray.add_argument("--batch-size", type=int, default=1, help="records per map_batches call of an actor")
+    ray.add_argument("--batch-size", type=POSITIVE_INT, default=1, help="records per map_batches call of an actor")
     ray.add_argument(
         "--ray-address",
         default=None,
@@ -76,6 +80,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_batch(args) -> int:
     from ..cli import DEFAULT_MODEL
+    from ..limits import Limits
     from .records import check_defaults, field_specs, parse_records
     from .runner import BatchOptions
 
@@ -84,11 +89,8 @@ def cmd_batch(args) -> int:
     defaults = {name: getattr(args, name) for name in SAMPLING_FIELDS}
     if defaults["cfg_range"] is not None:
         defaults["cfg_range"] = list(defaults["cfg_range"])
-    check_defaults(specs, defaults)
-    if args.actors is not None and args.actors < 1:
-        raise ValueError(f"--actors must be >= 1, got {args.actors}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    limits = {name: getattr(args, f"limit_{name}") for name in LIMIT_FIELDS}
+    check_defaults(specs, defaults, Limits(**limits))
     opts = BatchOptions(
         records=args.records,
         out=args.out,
@@ -97,8 +99,9 @@ def cmd_batch(args) -> int:
         device=args.device,
         allow_pickle=args.allow_pickle,
         defaults=defaults,
+        limits=limits,
     )
-    records, errors = parse_records(args.records, specs, defaults)
+    records, errors = parse_records(args.records, specs, defaults, Limits(**limits))
     if args.engine == "ray":
         from .ray_engine import run_ray
 

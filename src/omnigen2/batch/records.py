@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import jsonl
+from ..limits import FLAGS, Limits
+from ..limits import MAX_INPUT_IMAGES as MAX_REF_INPUTS
+
 # The sampling flags of `omnigen2 generate` a record may set (argparse dest names). --num-images is left out:
 # a record is one image (several seeds of one prompt are several records, each with its own id and file).
 SAMPLING_FIELDS = (
@@ -41,9 +45,12 @@ SAMPLING_FIELDS = (
 RUN_FIELDS = ("model", "dtype", "device", "allow_pickle")
 RECORD_FIELDS = ("id", "prompt", "input_images", *SAMPLING_FIELDS)
 
-MAX_INPUT_IMAGES = 5  # as `generate` (and the pipeline's MAX_REF_IMAGES)
-MAX_OUTPUT_PIXELS = 8192 * 8192  # as omnigen2.images.MAX_IMAGE_PIXELS: a requested size above it is refused
-MIN_VALUE = {"steps": 1, "height": 1, "width": 1, "max_pixels": 1, "max_input_side": 1, "max_sequence_length": 1}
+MAX_INPUT_IMAGES = MAX_REF_INPUTS  # as `generate` (and the pipeline's MAX_REF_IMAGES)
+# The core bounds (omnigen2.limits; batch's --limit-* flags raise them): a record beyond one is refused while
+# indexing.
+LIMITS = Limits()
+# The --limit-* flags of generate that bound a record (batch copies them).
+LIMIT_FIELDS = ("steps", "images_per_prompt", "output_pixels", "prompt_tokens", "prompt_chars")
 SEED_RANGE = (0, 2**64)  # torch.Generator.manual_seed takes [-2**63, 2**64); negative seeds are refused here
 _SEGMENT = re.compile(r"[\w\-][\w.\-]*")  # one folder or file name of an id: no "..", no hidden names
 
@@ -56,6 +63,7 @@ class FieldSpec:
     nullable: bool  # null allowed (the flag's default is None: "the model's")
     default: Any
     choices: tuple | None = None
+    rule: Any = None  # the flag's range (omnigen2.cli.Number), applied to the record's value too
 
 
 def field_specs(generate_parser: argparse.ArgumentParser) -> dict[str, FieldSpec]:
@@ -71,9 +79,10 @@ def field_specs(generate_parser: argparse.ArgumentParser) -> dict[str, FieldSpec
         elif a.nargs == 2:
             kind = "pair"
         else:
-            kind = {int: "int", float: "float", None: "str", str: "str"}[a.type]
+            kind = {int: "int", float: "float", None: "str", str: "str"}[getattr(a.type, "kind", a.type)]
         default = list(a.default) if kind == "pair" else a.default
-        specs[name] = FieldSpec(kind, a.default is None, default, tuple(a.choices) if a.choices else None)
+        rule = a.type if hasattr(a.type, "problem") else None
+        specs[name] = FieldSpec(kind, a.default is None, default, tuple(a.choices) if a.choices else None, rule)
     return specs
 
 
@@ -125,59 +134,40 @@ class _Bad(ValueError):
     pass
 
 
-def parse_records(path: str | Path, specs: dict[str, FieldSpec], defaults: dict[str, Any]):
-    """(records, errors) of a JSON Lines file, both in line order. Lines are split on "\\n" only (JSON allows
-    U+2028 and other Unicode line breaks inside strings); blank lines are skipped; an id used twice is an error
-    on every line after the first. ``defaults`` fill the sampling fields a record leaves out."""
+def parse_records(path: str | Path, specs: dict[str, FieldSpec], defaults: dict[str, Any], limits: Limits = LIMITS):
+    """(records, errors) of a JSON Lines file (``omnigen2.jsonl``), both in line order; an id used twice is an
+    error on every line after the first. ``defaults`` fill the sampling fields a record leaves out."""
     path = Path(path)
     base = path.resolve().parent
     try:
         data = path.read_bytes()
     except OSError as e:
         raise ValueError(f"cannot read the records file {str(path)!r}: {e.strerror or e}") from e
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
     records, errors, seen = [], [], {}
-    for n, raw in enumerate(data.split(b"\n"), 1):
+    for n, raw in jsonl.lines(data):
         where = f"{path}:{n}"
-        if not raw.strip():
-            continue
         try:
-            obj = _decode(raw)
+            obj = jsonl.decode_object(raw)
             rid = _check_id(obj.get("id"))
-        except _Bad as e:
+        except ValueError as e:
             errors.append(RecordError(n, where, str(e)))
             continue
         try:
             if rid in seen:
                 raise _Bad(f"id {rid!r} is used already on line {seen[rid]}")
             seen[rid] = n
-            records.append(_record(obj, rid, n, where, base, specs, defaults))
+            records.append(_record(obj, rid, n, where, base, specs, defaults, limits))
         except _Bad as e:
             errors.append(RecordError(n, where, str(e), rid))
     return records, errors
 
 
-def check_defaults(specs: dict[str, FieldSpec], defaults: dict[str, Any]) -> None:
+def check_defaults(specs: dict[str, FieldSpec], defaults: dict[str, Any], limits: Limits = LIMITS) -> None:
     """Raise ValueError when the command line's sampling flags break a rule a record must follow."""
     try:
-        _check_settings({k: defaults[k] for k in SAMPLING_FIELDS}, specs)
+        _check_settings({k: defaults[k] for k in SAMPLING_FIELDS}, specs, limits)
     except _Bad as e:
         raise ValueError(f"command line: {e}") from None
-
-
-def _decode(raw: bytes) -> dict:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _Bad(f"not UTF-8 ({e.reason} at byte {e.start})") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _Bad(f"not JSON: {e.msg} (column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise _Bad(f"a record must be a JSON object, got {type(obj).__name__}")
-    return obj
 
 
 def _check_id(rid) -> str:
@@ -195,7 +185,7 @@ def _check_id(rid) -> str:
     return rid
 
 
-def _record(obj: dict, rid: str, n: int, where: str, base: Path, specs, defaults) -> Record:
+def _record(obj: dict, rid: str, n: int, where: str, base: Path, specs, defaults, limits: Limits) -> Record:
     unknown = [k for k in obj if k not in RECORD_FIELDS]
     if unknown:
         hints = []
@@ -214,11 +204,11 @@ def _record(obj: dict, rid: str, n: int, where: str, base: Path, specs, defaults
     if len(images) > MAX_INPUT_IMAGES:
         raise _Bad(f"{len(images)} input images; OmniGen2 takes at most {MAX_INPUT_IMAGES}")
     settings = {k: obj[k] if k in obj else defaults[k] for k in SAMPLING_FIELDS}
-    settings = _check_settings(settings, specs)
+    settings = _check_settings(settings, specs, limits)
     return Record(n, where, rid, prompt, tuple(images), tuple(base / p for p in images), settings)
 
 
-def _check_settings(settings: dict, specs: dict[str, FieldSpec]) -> dict:
+def _check_settings(settings: dict, specs: dict[str, FieldSpec], limits: Limits) -> dict:
     out = {}
     for name, value in settings.items():
         out[name] = _check_value(name, value, specs[name])
@@ -227,11 +217,18 @@ def _check_settings(settings: dict, specs: dict[str, FieldSpec]) -> dict:
     lo, hi = SEED_RANGE
     if not lo <= out["seed"] < hi:
         raise _Bad(f'"seed" must be in [0, 2**64), got {out["seed"]}')
-    for name, least in MIN_VALUE.items():
-        if out[name] is not None and out[name] < least:
-            raise _Bad(f'"{name}" must be >= {least}, got {out[name]}')
-    if out["height"] is not None and out["width"] is not None and out["height"] * out["width"] > MAX_OUTPUT_PIXELS:
-        raise _Bad(f"size {out['width']}x{out['height']} is above the limit of {MAX_OUTPUT_PIXELS} pixels")
+    if out["height"] is not None and out["width"] is not None and out["height"] * out["width"] > limits.output_pixels:
+        raise _Bad(
+            f"size {out['width']}x{out['height']} is above the limit of {limits.output_pixels} pixels "
+            f"({FLAGS['output_pixels']})"
+        )
+    if out["steps"] is not None and out["steps"] > limits.steps:
+        raise _Bad(f'"steps" {out["steps"]} is above the limit of {limits.steps} ({FLAGS["steps"]})')
+    if out["max_sequence_length"] is not None and out["max_sequence_length"] > limits.prompt_tokens:
+        raise _Bad(
+            f'"max_sequence_length" {out["max_sequence_length"]} is above the limit of {limits.prompt_tokens} '
+            f"({FLAGS['prompt_tokens']})"
+        )
     a, b = out["cfg_range"]
     if not 0.0 <= a <= b <= 1.0:
         raise _Bad(f'"cfg_range" must satisfy 0 <= start <= end <= 1, got {[a, b]}')
@@ -268,6 +265,10 @@ def _check_value(name: str, value, spec: FieldSpec):
         raise _Bad(f'"{name}" must be {want[kind]}{" or null" if spec.nullable else ""}, got {_json_type(value)}')
     if spec.choices is not None and value not in spec.choices:
         raise _Bad(f'"{name}" must be one of {", ".join(map(repr, spec.choices))}, got {value!r}')
+    for v in value if kind == "pair" else [value]:
+        problem = None if spec.rule is None or name == "seed" else spec.rule.problem(v)
+        if problem:  # the flag's own range: "steps" >= 1, "text_guidance" >= 0, "cfg_range" in [0, 1], ...
+            raise _Bad(f'"{name}" must be {problem}, got {v!r}')
     return value
 
 

@@ -12,6 +12,7 @@ progress bar for the whole job by reading the other parts as they grow, then mer
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -38,6 +39,7 @@ class BatchOptions:
     device: str | None = None
     allow_pickle: bool = False
     defaults: dict = field(default_factory=dict)
+    limits: dict = field(default_factory=dict)  # omnigen2.limits.Limits fields the command line raised
 
     @property
     def out_dir(self) -> Path:
@@ -81,6 +83,7 @@ class Worker:
             opts.model, torch_dtype=parse_dtype(opts.dtype), device=self.device, allow_pickle=opts.allow_pickle
         )
         self.pipe.set_progress_bar_config(disable=True)
+        self.pipe.limits = dataclasses.replace(self.pipe.limits, **opts.limits)
 
     def generate(self, rec: Record) -> dict:
         """Generate and write ``rec``; its manifest line ("done", or "failed" with the reason)."""

@@ -22,7 +22,7 @@ class OmniGen2ImageProcessor(VaeImageProcessor):
         new_h, new_w = int(height * ratio) // m * m, int(width * ratio) // m * m
         if new_h < m or new_w < m:
             raise ValueError(
-                f"a {width}x{height} input image would shrink to {new_w}x{new_h} under max_pixels={max_pixels} and "
+                f"a {width}x{height} image would shrink to {new_w}x{new_h} under max_pixels={max_pixels} and "
                 f"max_side_length={max_side_length}; it needs at least {m} pixels per side"
             )
         return new_h, new_w

@@ -22,7 +22,9 @@ from typing import Any
 import PIL.Image
 import torch
 
+from ..errors import LimitError
 from ..images import check_image
+from ..limits import check_float, check_int
 from ..models.transformer_omnigen2 import MAX_REF_IMAGES
 from .pipeline_omnigen2 import SYSTEM_PROMPT, OmniGen2Pipeline
 from .reflection import ReflectionProtocol, resolve_protocol
@@ -329,7 +331,9 @@ class OmniGen2ChatPipeline:
         from with ``assistant_prefix="<|img|>"``, the images shown to the MLLM. The trainer conditions its
         ``data.chat_images`` samples on it, so the transformer learns the chat form of an edit or in-context
         instruction. (1, T, D) and a (1, T) mask of ones."""
+        self._check_prompt(prompt)
         ids, vision = self.build_inputs([Turn(prompt, self._check_images(images))])
+        self._check_conversation(ids)
         return self.conditioning(self.run_mllm(ids, vision, IMG_TOKEN))
 
     @torch.no_grad()
@@ -488,6 +492,7 @@ class OmniGen2ChatPipeline:
             image_guidance_scale=image_guidance_scale,
             **image_kwargs,
         )
+        self._check_sampling(sampling, temperature, top_p)
 
         # 2. One MLLM pass over the conversation: the answer, and the states of every token fed
         turn = Turn(prompt, images)
@@ -512,16 +517,19 @@ class OmniGen2ChatPipeline:
         return result
 
     def _check_call(self, prompt, input_images, reflect, candidates, max_new_tokens, output_type, image_kwargs):
-        """The call's arguments checked; the input images as a list and the repair candidates per round."""
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a string (one turn), got {type(prompt).__name__}")
+        """The call's arguments checked against their types, ranges and ``pipe.limits``; the input images as a
+        list and the repair candidates per round."""
+        limits = self.pipe.limits
+        self._check_prompt(prompt)
         images = self._check_images(input_images)
-        if reflect < 0 or max_new_tokens < 0:
-            raise ValueError(f"reflect and max_new_tokens must be >= 0, got {reflect} and {max_new_tokens}")
+        reflect = check_int("reflect", reflect, least=0)
+        limits.check("reflect", reflect, f"reflect={reflect}")
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, least=0)
+        limits.check("new_tokens", max_new_tokens, f"max_new_tokens={max_new_tokens}")
         if candidates is None:
-            candidates = int(self.pipe.sampling_defaults.get("reflect_candidates", 1))
-        if candidates < 1:
-            raise ValueError(f"reflect_candidates must be >= 1, got {candidates}")
+            candidates = self.pipe.sampling_defaults.get("reflect_candidates", 1)
+        candidates = check_int("reflect_candidates", candidates, least=1)
+        limits.check("images_per_prompt", candidates, f"reflect_candidates={candidates}")
         if output_type not in IMAGE_OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(IMAGE_OUTPUT_TYPES)}, got {output_type!r}")
         reserved = RESERVED_IMAGE_KWARGS & set(image_kwargs)
@@ -529,9 +537,34 @@ class OmniGen2ChatPipeline:
             raise TypeError(f"the chat pipeline sets {', '.join(sorted(reserved))} itself")
         return images, candidates
 
+    def _check_sampling(self, sampling: dict, temperature, top_p) -> None:
+        """The drawing's settings checked before the MLLM runs (the generation call checks them again)."""
+        check_float("temperature", temperature, least=0.0)
+        check_float("top_p", top_p, least=0.0, most=1.0)
+        if top_p <= 0:
+            raise ValueError(f"top_p must be > 0, got {top_p}")
+        self.pipe._resolve_settings(
+            sampling["num_inference_steps"], sampling["text_guidance_scale"], sampling["image_guidance_scale"],
+            sampling["height"], sampling["width"], sampling.get("cfg_range", (0.0, 1.0)), 1, "pt",
+            sampling.get("teacache"), sampling.get("taylorseer"),
+        )  # fmt: skip
+
+    def _check_prompt(self, prompt) -> None:
+        """A chat prompt is refused, not truncated, beyond ``limits.prompt_chars``: its end is the question."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string (one turn), got {type(prompt).__name__}")
+        self.pipe.limits.check("prompt_chars", len(prompt), f"the prompt of {len(prompt)} characters")
+
+    def _check_conversation(self, ids: torch.Tensor) -> None:
+        """The conversation's text tokens (the image pads aside), which the drawing is conditioned on, within
+        ``limits.prompt_tokens``; checked before the MLLM runs."""
+        text_tokens = int((ids != self.image_token_id).sum())
+        self.pipe.limits.check("prompt_tokens", text_tokens, f"the conversation's {text_tokens} text tokens")
+
     def _answer(self, turns: list[Turn], decode: tuple) -> MllmPass:
         """The MLLM pass answering the last turn (``decode``: :meth:`run_mllm`'s arguments after the inputs)."""
         ids, vision = self.build_inputs(turns)
+        self._check_conversation(ids)
         mllm_pass = self.run_mllm(ids, vision, *decode)
         if self._adapter_layers and mllm_pass.stop != self.img_token_id:
             # A text answer is decoded again with the answering adapter on (understanding and judging are
@@ -580,8 +613,9 @@ class OmniGen2ChatPipeline:
             input_images = [input_images]
         if not isinstance(input_images, (list, tuple)):
             raise TypeError(f"input_images must be a list of PIL images, got {type(input_images).__name__}")
-        if len(input_images) > MAX_REF_IMAGES:
-            raise ValueError(f"{len(input_images)} input images; OmniGen2 takes at most {MAX_REF_IMAGES} per turn")
+        bound = min(self.pipe.limits.input_images, MAX_REF_IMAGES)
+        if len(input_images) > bound:
+            raise LimitError(f"{len(input_images)} input images; OmniGen2 takes at most {bound} per turn")
         return [check_image(im, name=f"input image {k}") for k, im in enumerate(input_images)]
 
 

@@ -25,7 +25,9 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..acceleration import CacheConfig
 from ..acceleration.caches import BranchCaches
+from ..errors import LimitError
 from ..images import check_image
+from ..limits import Limits, check_float, check_int
 from ..models.transformer_omnigen2 import MAX_REF_IMAGES, OmniGen2Transformer2DModel, SequenceLayout
 from ..schedulers import make_scheduler
 from .image_processor import OmniGen2ImageProcessor
@@ -100,6 +102,7 @@ class OmniGen2Pipeline(DiffusionPipeline):
         self.image_processor = OmniGen2ImageProcessor(vae_scale_factor=math.lcm(2 * self.vae_scale_factor, patch))
         self.default_sample_size = 128
         self.cache_config = CacheConfig()
+        self.limits = Limits()  # bounds on one call (omnigen2.limits): refused beyond them, before any work
         # Evaluate the guidance branches of a step in one packed transformer call (False: one call per branch,
         # as the original; same results within float rounding).
         self.batch_guidance = True
@@ -163,7 +166,7 @@ class OmniGen2Pipeline(DiffusionPipeline):
         pytorch_lora_weights.safetensors, or a state dict."""
         from ..training.lora import read_lora
 
-        state_dict, config = read_lora(source)
+        state_dict, config = read_lora(source, self.transformer)
         self.transformer.load_lora_adapter(state_dict, prefix=None, adapter_name=adapter_name, metadata=config)
         self.transformer.set_adapters([adapter_name], weights=[scale])
 
@@ -201,7 +204,10 @@ class OmniGen2Pipeline(DiffusionPipeline):
         self, prompts: list[str], max_sequence_length: int | None, device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Chat-templated prompts -> the MLLM's last hidden states (B, L, D) and the right-padded mask (B, L)."""
-        texts = [self.apply_chat_template(p) for p in prompts]
+        # Characters are bounded before tokenizing: a 200k-character prompt would otherwise take seconds to
+        # tokenize only for its tail to be dropped.
+        chars = self.limits.prompt_chars
+        texts = [self.apply_chat_template(p[:chars]) for p in prompts]
         tok = self.tokenizer
         # Right padding always: the transformer takes the first mask.sum() tokens as the text (as the original,
         # which silently breaks with a left-padding tokenizer).
@@ -214,19 +220,36 @@ class OmniGen2Pipeline(DiffusionPipeline):
             return_tensors="pt",
         )
         if max_sequence_length is not None:
-            full = tok(texts, padding="longest", return_tensors="pt").input_ids
-            if full.shape[-1] > inputs.input_ids.shape[-1]:
-                cut = tok.batch_decode(full[:, max_sequence_length:], skip_special_tokens=False)
-                warnings.warn(
-                    f"prompt truncated to max_sequence_length={max_sequence_length} tokens (chat template "
-                    f"included); dropped: {cut}",
-                    stacklevel=_caller_stacklevel(),
-                )
+            full = tok(texts, padding="longest", padding_side="right", return_tensors="pt")
+            self._warn_truncated(prompts, full, max_sequence_length)
         ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
         # Through the model's forward (offload hooks apply); the logits are not needed: compute one position only.
         out = self.mllm(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
         hidden = out.hidden_states[-1]
         return hidden.to(dtype=self.mllm.dtype), mask
+
+    def _warn_truncated(self, prompts: list[str], full, max_length: int) -> None:
+        """One short warning for the prompts cut to ``max_length`` tokens (or to ``limits.prompt_chars``
+        characters): counts and the start of what was dropped, never the whole prompt."""
+        lengths = full.attention_mask.sum(dim=1).tolist()  # tokens of each templated prompt
+        chars = self.limits.prompt_chars
+        cut = [i for i, (p, n) in enumerate(zip(prompts, lengths)) if n > max_length or len(p) > chars]
+        if not cut:
+            return
+        i, more = cut[0], f" (and {len(cut) - 1} more)" if len(cut) > 1 else ""
+        read = f"the first {chars} of its {len(prompts[i])} characters (limits.prompt_chars)"
+        if lengths[i] > max_length:
+            what = f"to {max_length} tokens (max_sequence_length, chat template included) from {lengths[i]}"
+            what += f" in {read}" if len(prompts[i]) > chars else ""
+            tail = full.input_ids[i, max_length : min(lengths[i], max_length + 20)]  # enough for the excerpt
+            dropped = self.tokenizer.decode(tail, skip_special_tokens=True)
+        else:
+            what, dropped = f"to {read}", prompts[i][chars:]
+        excerpt = dropped[:40] + ("..." if len(dropped) > 40 else "")
+        warnings.warn(
+            f"prompt {i}{more} truncated {what}; the dropped text begins {excerpt!r}",
+            stacklevel=_caller_stacklevel(),
+        )
 
     # -- images ---------------------------------------------------------------------------------------------
 
@@ -281,9 +304,10 @@ class OmniGen2Pipeline(DiffusionPipeline):
             per_prompt = per_prompt * batch
         if len(per_prompt) != batch:
             raise ValueError(f"input_images has {len(per_prompt)} entries for {batch} prompts")
+        bound = min(self.limits.input_images, MAX_REF_IMAGES)
         for i, imgs in enumerate(per_prompt):
-            if len(imgs) > MAX_REF_IMAGES:
-                raise ValueError(f"prompt {i} has {len(imgs)} input images; OmniGen2 takes at most {MAX_REF_IMAGES}")
+            if len(imgs) > bound:
+                raise LimitError(f"prompt {i} has {len(imgs)} input images; OmniGen2 takes at most {bound}")
             per_prompt[i] = [check_image(im, name=f"input image {j} of prompt {i}") for j, im in enumerate(imgs)]
         return per_prompt
 
@@ -294,11 +318,11 @@ class OmniGen2Pipeline(DiffusionPipeline):
         requested size is scaled under ``max_pixels`` and floored to a multiple of the latent patch."""
         if align_res and refs and all(len(r) == 1 for r in refs):
             h, w = (s * self.vae_scale_factor for s in refs[0][0].shape[-2:])
+            self.limits.check("output_pixels", h * w, f"the input image's size {w}x{h} = {h * w} pixels")
             return (h, w), (h, w)
         default = self.default_sample_size * self.vae_scale_factor
-        height, width = int(height or default), int(width or default)
-        if height < 1 or width < 1:
-            raise ValueError(f"height and width must be positive, got {height}x{width}")
+        height = default if height is None else height  # None: unset (0 was refused in stage 1)
+        width = default if width is None else width
         ratio = min((max_pixels / (height * width)) ** 0.5, 1.0)
         m = self.size_multiple
         gen = (int(height * ratio) // m * m, int(width * ratio) // m * m)
@@ -396,29 +420,59 @@ class OmniGen2Pipeline(DiffusionPipeline):
         teacache,
         taylorseer,
     ) -> SamplingSettings:
-        """Stage 1: check the arguments; an unset setting comes from the checkpoint's ``sampling_defaults``,
-        else from the original (28 steps, text guidance 4.0, image guidance 1.0)."""
+        """Stage 1: check the arguments; an unset (None) setting comes from the checkpoint's ``sampling_defaults``,
+        else from the original (28 steps, text guidance 4.0, image guidance 1.0). A set one is never replaced: 0
+        steps or a 0 height is refused, not read as "unset"."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        if not (0.0 <= cfg_range[0] <= cfg_range[1] <= 1.0):
-            raise ValueError(f"cfg_range must satisfy 0 <= start <= end <= 1, got {tuple(cfg_range)}")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        cfg_range = _check_cfg_range(cfg_range)
+        n = check_int("num_images_per_prompt", num_images_per_prompt, least=1)
+        self.limits.check("images_per_prompt", n, f"num_images_per_prompt={n}")
         cache_config = self.cache_config
         if teacache is not None or taylorseer is not None:
+            if teacache is not None:
+                teacache = check_float("teacache", teacache, least=0.0)
+            if taylorseer is not None and not isinstance(taylorseer, bool):
+                raise TypeError(f"taylorseer must be True, False or None, got {taylorseer!r}")
             cache_config = CacheConfig(teacache=teacache, taylorseer=bool(taylorseer))
         d = self.sampling_defaults
+        steps = check_int("num_inference_steps", _unset(num_inference_steps, d, "num_inference_steps", 28), least=1)
+        self.limits.check("steps", steps, f"num_inference_steps={steps}")
+        guidance = [
+            check_float(name, _unset(value, d, name, fallback), least=0.0)
+            for name, value, fallback in (
+                ("text_guidance_scale", text_guidance_scale, 4.0),
+                ("image_guidance_scale", image_guidance_scale, 1.0),
+            )
+        ]
+        height, width = (
+            None if v is None else check_int(name, v, least=1)
+            for name, v in (("height", _unset(height, d, "height", None)), ("width", _unset(width, d, "width", None)))
+        )
+        if height is not None or width is not None:  # the default fills the other side
+            default = self.default_sample_size * self.vae_scale_factor
+            h, w = height or default, width or default
+            self.limits.check("output_pixels", h * w, f"the requested size height={h} x width={w} = {h * w} pixels")
         return SamplingSettings(
-            steps=num_inference_steps or d.get("num_inference_steps", 28),
-            text_guidance=text_guidance_scale if text_guidance_scale is not None else d.get("text_guidance_scale", 4.0),
-            image_guidance=(
-                image_guidance_scale if image_guidance_scale is not None else d.get("image_guidance_scale", 1.0)
-            ),
-            height=height or d.get("height"),
-            width=width or d.get("width"),
-            cfg_range=(cfg_range[0], cfg_range[1]),
+            steps=steps,
+            text_guidance=guidance[0],
+            image_guidance=guidance[1],
+            height=height,
+            width=width,
+            cfg_range=cfg_range,
             cache_config=cache_config,
         )
+
+    def _check_size_arguments(self, max_pixels, max_side_length, max_sequence_length) -> int:
+        """Stage 1: the size budgets' types and ranges; returns the prompt-token length (None: ``limits``)."""
+        check_int("max_pixels", max_pixels, least=1)
+        if max_side_length is not None:
+            check_int("max_input_image_side_length", max_side_length, least=1)
+        if max_sequence_length is None:
+            return self.limits.prompt_tokens
+        length = check_int("max_sequence_length", max_sequence_length, least=1)
+        self.limits.check("prompt_tokens", length, f"max_sequence_length={length}")
+        return length
 
     def _encode_prompts(
         self, prompts, negative_prompt, embeds, mask, negative_embeds, negative_mask, guided, n, max_length, device
@@ -438,10 +492,31 @@ class OmniGen2Pipeline(DiffusionPipeline):
             batch, _repeat(embeds, n), _repeat(mask, n), _repeat(negative_embeds, n), _repeat(negative_mask, n)
         )
 
-    def _encode_references(self, input_images, batch, n, max_pixels, max_side_length, generator, sample):
-        """Stage 3: each prompt's input images -> VAE latents (never through the MLLM). Returns them per prompt
-        (a list of (C, h, w), or None) and per sample (each prompt's repeated ``n`` times)."""
-        images = self._normalize_images(input_images, batch)
+    def _text_room(self, max_sequence_length: int, images, max_pixels, max_side_length) -> int:
+        """Stage 2: the prompt tokens to keep: ``max_sequence_length``, fewer where the transformer's position
+        table would overflow. Text token t takes position (t, t, t) and each input image then advances axis 0 by
+        its longer side in patches, so a long prompt would otherwise crash the position embedding after the
+        MLLM ran (as the original does)."""
+        table = self.transformer.config.axes_lens[0]
+        per_patch = self.vae_scale_factor * self.transformer.config.patch_size
+        sides = [
+            sum(max(self.image_processor.target_size(im.height, im.width, max_pixels, max_side_length)) // per_patch
+                for im in imgs)
+            for imgs in images
+        ]  # fmt: skip
+        room = table - 1 - max(sides, default=0)  # the target image needs one position after the text and refs
+        room = min(room, *self.transformer.config.axes_lens[1:])  # text positions are (t, t, t) on every axis
+        if room < 1:
+            raise ValueError(
+                f"the input images take {max(sides)} of the transformer's {table} positions (axes_lens[0]), "
+                "leaving none for the prompt; use smaller images (max_pixels, max_input_image_side_length)"
+            )
+        return min(max_sequence_length, room)
+
+    def _encode_references(self, images, n, max_pixels, max_side_length, generator, sample):
+        """Stage 3: each prompt's input images (checked: ``_normalize_images``) -> VAE latents (never through the
+        MLLM). Returns them per prompt (a list of (C, h, w), or None) and per sample (each prompt's repeated
+        ``n`` times)."""
         ref_gen = generator[0] if isinstance(generator, list) else generator
         per_prompt = [
             self.encode_images(imgs, max_pixels, max_side_length, ref_gen, sample) if imgs else None for imgs in images
@@ -569,21 +644,28 @@ class OmniGen2Pipeline(DiffusionPipeline):
             num_inference_steps, text_guidance_scale, image_guidance_scale, height, width, cfg_range,
             num_images_per_prompt, output_type, teacache, taylorseer,
         )  # fmt: skip
+        max_sequence_length = self._check_size_arguments(max_pixels, max_input_image_side_length, max_sequence_length)
+        if not isinstance(align_res, bool):
+            raise TypeError(f"align_res must be True or False, got {_short(align_res)}")
         self._attention_kwargs = attention_kwargs
         device, n = self._execution_device, num_images_per_prompt
 
-        # 2. Text: hidden states of the prompts and, with text guidance, of the negative prompts (B * n rows)
+        # 2. Text: hidden states of the prompts and, with text guidance, of the negative prompts (B * n rows),
+        # within the positions the input images leave free
         prompts = _prompt_list(prompt) if prompt_embeds is None else None
         if prompts is not None:
             self._check_domain(prompts)
+        batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+        images = self._normalize_images(input_images, batch)
+        max_length = self._text_room(max_sequence_length, images, max_pixels, max_input_image_side_length)
         text = self._encode_prompts(
             prompts, negative_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
-            negative_prompt_attention_mask, settings.text_guidance > 1.0, n, max_sequence_length, device,
+            negative_prompt_attention_mask, settings.text_guidance > 1.0, n, max_length, device,
         )  # fmt: skip
 
         # 3. Reference images -> VAE latents, the generation and output sizes, the initial noise
         refs_per_prompt, refs = self._encode_references(
-            input_images, text.batch, n, max_pixels, max_input_image_side_length, generator, sample_reference_latents
+            images, n, max_pixels, max_input_image_side_length, generator, sample_reference_latents
         )
         with_refs = [r for r in refs_per_prompt if r]
         gen_size, out_size = self._output_size(settings.height, settings.width, with_refs, align_res, max_pixels)
@@ -619,7 +701,36 @@ def _caller_stacklevel() -> int:
 def _prompt_list(prompt: str | list[str] | None) -> list[str]:
     if prompt is None:
         raise ValueError("give a prompt (or prompt_embeds)")
-    return [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise TypeError(f"prompt must be a string or a non-empty list of strings, got {_short(prompt)}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompt {i} must be a string, got {type(p).__name__} {_short(p)}")
+    return list(prompts)
+
+
+def _unset(value, defaults: dict, key: str, fallback):
+    """The call's value; None: the checkpoint's ``sampling_defaults[key]``, else ``fallback`` (only None means
+    unset, so 0 or 0.0 is checked, never replaced)."""
+    if value is not None:
+        return value
+    default = defaults.get(key)
+    return fallback if default is None else default
+
+
+def _check_cfg_range(cfg_range) -> tuple[float, float]:
+    if isinstance(cfg_range, (str, bytes)) or not isinstance(cfg_range, (list, tuple)) or len(cfg_range) != 2:
+        raise TypeError(f"cfg_range must be a pair of numbers (start, end), got {_short(cfg_range)}")
+    start, end = (check_float(f"cfg_range[{k}]", v) for k, v in enumerate(cfg_range))
+    if not (0.0 <= start <= end <= 1.0):
+        raise ValueError(f"cfg_range must satisfy 0 <= start <= end <= 1, got {(start, end)}")
+    return start, end
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _repeat(x: torch.Tensor | None, n: int) -> torch.Tensor | None:

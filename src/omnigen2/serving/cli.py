@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import os
 
+from ..cli import COUNT, PORT, POSITIVE_FLOAT, POSITIVE_INT
 from .config import MIB, Limits
 
 DEFAULT_MODEL = "builtin:shapes"
@@ -41,17 +42,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="pipeline directory, hub id or builtin:NAME")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--port", type=PORT, default=8000, help="port to listen on")
     p.add_argument(
         "--api-key",
         default=None,
         help=f"require 'Authorization: Bearer KEY' on every endpoint but /health (default: ${API_KEY_ENV}; "
         "the environment keeps the key out of the process list)",
     )
-    p.add_argument("--max-queue", type=int, default=16, help="requests waiting behind the running one, then 429")
+    p.add_argument("--max-queue", type=COUNT, default=16, help="requests waiting behind the running one, then 429")
     p.add_argument(
         "--request-timeout",
-        type=float,
+        type=POSITIVE_FLOAT,
         default=None,
         metavar="S",
         help="seconds from arrival to answer (default: none)",
@@ -75,7 +76,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         value = getattr(defaults, name)
         shown = f"{value // MIB} MiB" if name == "upload_bytes" else value
         limits.add_argument(
-            flag, dest=f"limit_{name}", type=int, default=value, metavar="N", help=f"{what} (default {shown})"
+            flag, dest=f"limit_{name}", type=POSITIVE_INT, default=value, metavar="N", help=f"{what} (default {shown})"
         )
     p.set_defaults(func=cmd_serve)
     return p
@@ -116,6 +117,7 @@ def cmd_serve(args) -> int:
         )
 
     pipe = load_pipeline(args.model, args.device, args.dtype, args.offload, args.quantize, args.allow_pickle)
+    pipe.limits = limits.core(pipe.limits)
     app = create_app(Engine(pipe, config.model_name), config)
     server = DrainingServer(
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on"),

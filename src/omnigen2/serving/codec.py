@@ -18,6 +18,8 @@ import warnings
 import PIL.Image
 from PIL.PngImagePlugin import PngInfo
 
+from ..errors import ImageError
+from ..images import to_rgb
 from .errors import APIError, bad_request, unprocessable
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)$", re.DOTALL)
@@ -43,9 +45,11 @@ def decode_image(data: bytes, name: str, max_pixels: int, param: str | None = No
                 probe.verify()
             with PIL.Image.open(io.BytesIO(data)) as img:
                 img.load()
-                return img.convert("RGB")
+                return to_rgb(img, name)  # 16-bit grayscale scaled, not clipped to white
     except APIError:
         raise
+    except ImageError as e:
+        raise unprocessable(str(e), param) from None
     except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning):
         raise unprocessable(f"{name} was refused as a decompression bomb", param, code="image_too_large") from None
     except PIL.UnidentifiedImageError:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..limits import MAX_INPUT_IMAGES as MAX_REF_IMAGES  # the model's bound; omnigen2.limits imports no torch
+from ..limits import Limits as CoreLimits
+
 MIB = 1024 * 1024
-# The transformer's MAX_REF_IMAGES, repeated so that reading the command line imports no model code (a test
-# checks that they agree).
-MAX_REF_IMAGES = 5
+CORE = CoreLimits()  # a request limit's default stays within the pipeline's own bound (omnigen2.limits)
 
 
 @dataclass
@@ -15,17 +16,29 @@ class Limits:
     """Bounds on one request. Each has a ``--max-...`` flag; the defaults keep one request of the released
     model at the sizes it was trained for (about 1024x1024) and refuse the rest before any work is queued."""
 
-    n: int = 4  # images per request (OpenAI's ``n``)
-    pixels: int = 1024 * 1024  # width x height of a requested image
+    n: int = min(4, CORE.images_per_prompt)  # images per request (OpenAI's ``n``)
+    pixels: int = min(1024 * 1024, CORE.output_pixels)  # width x height of a requested image
     side: int = 2048  # longest requested side
-    steps: int = 100  # num_inference_steps
+    steps: int = min(100, CORE.steps)  # num_inference_steps
     input_images: int = MAX_REF_IMAGES  # per edit request and per chat message; the model takes at most 5
     input_pixels: int = 4096 * 4096  # an uploaded image's pixels, checked from its header before decoding
     upload_bytes: int = 32 * MIB  # a request body (multipart files, or JSON with data URLs)
-    prompt_chars: int = 8000  # a prompt, a negative prompt, or one chat message's text
+    prompt_chars: int = min(8000, CORE.prompt_chars)  # a prompt, a negative prompt, or one chat message's text
     messages: int = 32  # chat messages per request
-    new_tokens: int = 1024  # a chat answer's max_tokens
-    reflect: int = 4  # chat reflection rounds
+    new_tokens: int = min(1024, CORE.new_tokens)  # a chat answer's max_tokens
+    reflect: int = min(4, CORE.reflect)  # chat reflection rounds
+
+    def core(self, base: CoreLimits) -> CoreLimits:
+        """The pipeline's bounds raised to cover these request limits: a request the server admits is never
+        refused by the pipeline's own (lower) bound."""
+        return base.covering(
+            steps=self.steps,
+            images_per_prompt=self.n,
+            output_pixels=self.pixels,
+            prompt_chars=self.prompt_chars,
+            new_tokens=self.new_tokens,
+            reflect=self.reflect,
+        )
 
     def __post_init__(self):
         for name, value in vars(self).items():

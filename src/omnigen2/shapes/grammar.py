@@ -69,8 +69,9 @@ def domain_warning(prompt: str) -> str | None:
     domain (pyproject.toml, ``omnigen2.domains``), which the bundled checkpoint names in model_index.json."""
     if in_grammar(prompt):
         return None
+    shown = repr(prompt) if len(prompt) <= 80 else f"{prompt[:60]!r}... ({len(prompt)} characters)"  # never all of it
     return (
-        f"the bundled model only knows the Shapes World (docs/SHAPES.md); {prompt!r} is outside its grammar, so "
+        f"the bundled model only knows the Shapes World (docs/SHAPES.md); {shown} is outside its grammar, so "
         "expect an arbitrary arrangement of shapes. For general prompts load the released weights: "
         "OmniGen2Pipeline.from_pretrained('OmniGen2/OmniGen2') or --model OmniGen2/OmniGen2"
     )

@@ -382,7 +382,7 @@ def _train(cfg: dict, record: Path) -> None:
 
     config = config_from_dict(cfg)
     record.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    Trainer(config).fit(resume="latest")
+    Trainer(config).fit(resume="auto")
 
 
 def _cycle(cfg: dict, record: Path, pipeline: Path, keep_checkpoints: bool = False) -> Path:

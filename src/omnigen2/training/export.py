@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError
 from ..loading import parse_dtype
 from ..models import OmniGen2Transformer2DModel
 from ..pipelines import OmniGen2Pipeline
-from .checkpoint import load_checkpoint, resolve_resume
+from .checkpoint import checkpoint_dirs, load_checkpoint
 from .lora import LORA_FILE, save_lora
 
 
@@ -17,10 +18,10 @@ def find_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if (p / "state.json").is_file():
         return p
-    found = resolve_resume(p, "latest")
-    if found is None:
-        raise ValueError(f"{str(p)!r} is neither a checkpoint nor a run directory with checkpoints")
-    return found
+    found = checkpoint_dirs(p)
+    if not found:
+        raise CheckpointError(f"{str(p)!r} is neither a checkpoint nor a run directory with checkpoints")
+    return found[-1]
 
 
 def export(

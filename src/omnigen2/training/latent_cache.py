@@ -21,6 +21,9 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+
+from ..errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +103,15 @@ class LatentCache:
         path = Path(path)
         if not path.is_file():
             return 0
+        try:
+            return self._read(path, safe_open)
+        except (OSError, SafetensorError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise DataError(
+                f"data.latent_cache_file {str(path)!r} is corrupt or incomplete ({type(e).__name__}: {e}); delete it "
+                "(the run encodes the images again and rewrites it)"
+            ) from e
+
+    def _read(self, path: Path, safe_open) -> int:
         n = 0
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -137,6 +149,9 @@ class LatentCache:
             meta[f"keys.{i}"] = json.dumps([list(k) for k in keys])
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves the previous file, and no temporary
         logger.info("latent cache: %d posteriors in %d blocks written to %s", len(self.entries), len(self.blocks), path)

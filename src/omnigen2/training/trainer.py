@@ -21,13 +21,14 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from ..errors import CheckpointError, DataError
 from ..loading import parse_dtype
 from ..models import OmniGen2Transformer2DModel
 from ..pipelines import OmniGen2Pipeline
 from . import precondition
-from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, truncate_metrics
 from .config import TrainConfig
-from .data import ImageSpec, MixtureDataset
+from .data import ImageSpec, MixtureDataset, RopeLimits
 from .latent_cache import LatentCache
 from .lora import config_kwargs, lora_state_dict, peft_config
 from .objective import flow_loss, noisy_inputs
@@ -130,7 +131,11 @@ class Trainer:
                 "train.train_token_embeddings too"
             )
         self.transformer.train()
-        self.data = MixtureDataset(cfg.data, pipe.tokenizer, seed=t.seed)
+        # Indexing refuses the records whose samples would overflow this transformer's position table
+        rope = RopeLimits(
+            tuple(self.transformer.config.axes_lens), pipe.vae_scale_factor * self.transformer.config.patch_size
+        )
+        self.data = MixtureDataset(cfg.data, pipe.tokenizer, seed=t.seed, rope=rope)
         self.out = Path(cfg.output.dir)
         self.preconditioner = self._precondition() if t.precondition_text else None
 
@@ -345,7 +350,10 @@ class Trainer:
         )
         text, mask = self._text(batch)
         with self.acc.autocast():
-            pred = self.model(xt, t, text, None, mask, refs)
+            try:
+                pred = self.model(xt, t, text, None, mask, refs)
+            except ValueError as e:  # a sample indexing could not judge (data.check_images off, chat images)
+                raise DataError(f"step {step}: the batch of {', '.join(batch['where'])}: {e}") from e
         plain = flow_loss(pred, target, cfg.objective.loss_reduction)
         # This micro-batch's share of the step's global mean: its own mean times its element (or sample) count
         # over the step's total; DDP averages gradients over processes, hence the factor num_processes.
@@ -443,12 +451,28 @@ class Trainer:
         return path
 
     def resume(self, resume: str | None) -> bool:
+        """Restore a checkpoint (``"latest"``, ``"auto"`` or a path; see checkpoint.resolve_resume); False when
+        there is none to resume (a new run). Lines of metrics.jsonl past the restored step are dropped."""
         path = resolve_resume(self.out, resume)
         if path is None:
-            if resume not in (None, "latest"):
-                raise ValueError(f"no checkpoint at {resume}")
             return False
         ck = load_checkpoint(path)
+        if ck["state"]["mode"] != self.cfg.train.mode:
+            raise CheckpointError(
+                f"{path / 'state.json'}: a train.mode {ck['state']['mode']!r} checkpoint; this run has "
+                f"train.mode {self.cfg.train.mode!r}"
+            )
+        try:
+            self._restore(ck)
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {path} does not fit this run: {str(e)[:500]}") from e
+        self.step = ck["state"]["step"]
+        if self.acc.is_main_process:
+            truncate_metrics(self.out / "metrics.jsonl", self.step)
+            logger.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def _restore(self, ck: dict) -> None:
         sd = ck["trainable"]
         rows = sd.pop("mllm.token_rows", None)
         if self.cfg.train.mode == "lora":
@@ -473,12 +497,10 @@ class Trainer:
             shadow = ck["ema"]
             if self.preconditioner is not None:
                 shadow = precondition.parametrized(shadow, self.preconditioner)
+            if set(shadow) != set(self.ema.shadow):
+                raise KeyError(f"ema.safetensors holds {len(shadow)} tensors, this run's EMA {len(self.ema.shadow)}")
             for k, v in shadow.items():
                 self.ema.shadow[k].copy_(v)
-        self.step = ck["state"]["step"]
-        if self.acc.is_main_process:
-            logger.info("resumed from %s at step %d", path, self.step)
-        return True
 
     def fit(self, resume: str | None = None, max_steps: int | None = None) -> list[dict]:
         """Train to ``train.steps`` (or ``max_steps`` more steps, to stop early on purpose)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ...cli import COUNT, NONNEG_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, SEED
 from . import HUB_ID
 
 
@@ -30,15 +31,17 @@ def add_parser(bench) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="pipeline directory or hub id (default: builtin:shapes)")
     p.add_argument("--data", default=HUB_ID, help="hub dataset id, parquet file or folder, or a data.jsonl folder")
     p.add_argument("--out", required=True, help="output folder (images, judge cache, reports); reruns resume")
-    p.add_argument("--samples", type=int, default=1, metavar="K", help="seeds per prompt: --seed, --seed + 1, ...")
-    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument(
+        "--samples", type=POSITIVE_INT, default=1, metavar="K", help="seeds per prompt: --seed, --seed + 1, ..."
+    )
+    p.add_argument("--seed", type=SEED, default=0, help="first seed")
     p.add_argument("--language", default="en", help="instruction_language kept; 'all' keeps every language")
     gen = p.add_argument_group("generation (`omnigen2 batch` flags)")
-    gen.add_argument("--steps", type=int, default=50, help="denoising steps")
-    gen.add_argument("--height", type=int, default=1024, help="image height")
-    gen.add_argument("--width", type=int, default=1024, help="image width")
-    gen.add_argument("--text-guidance", type=float, default=5.0, help="text guidance scale")
-    gen.add_argument("--image-guidance", type=float, default=2.0, help="image guidance scale")
+    gen.add_argument("--steps", type=POSITIVE_INT, default=50, help="denoising steps")
+    gen.add_argument("--height", type=POSITIVE_INT, default=1024, help="image height")
+    gen.add_argument("--width", type=POSITIVE_INT, default=1024, help="image width")
+    gen.add_argument("--text-guidance", type=NONNEG_FLOAT, default=5.0, help="text guidance scale")
+    gen.add_argument("--image-guidance", type=NONNEG_FLOAT, default=2.0, help="image guidance scale")
     gen.add_argument(
         "--negative-prompt", default=ORIGINAL_NEGATIVE_PROMPT, help="negative prompt (default: the original's)"
     )
@@ -68,13 +71,13 @@ def add_parser(bench) -> argparse.ArgumentParser:
     judge.add_argument(
         "--judge-templates", default=None, metavar="FILE", help="rubric JSON file (default: ours, docs/EVAL.md)"
     )
-    judge.add_argument("--judge-concurrency", type=int, default=jc.concurrency, help="requests in flight")
-    judge.add_argument("--judge-timeout", type=float, default=jc.timeout, help="seconds per request")
-    judge.add_argument("--judge-retries", type=int, default=jc.retries, help="retries on 429, 5xx and timeouts")
+    judge.add_argument("--judge-concurrency", type=POSITIVE_INT, default=jc.concurrency, help="requests in flight")
+    judge.add_argument("--judge-timeout", type=POSITIVE_FLOAT, default=jc.timeout, help="seconds per request")
+    judge.add_argument("--judge-retries", type=COUNT, default=jc.retries, help="retries on 429, 5xx and timeouts")
     judge.add_argument(
-        "--judge-parse-retries", type=int, default=jc.parse_retries, help="more replies asked when one does not parse"
+        "--judge-parse-retries", type=COUNT, default=jc.parse_retries, help="more replies asked when one does not parse"
     )
-    judge.add_argument("--judge-backoff", type=float, default=jc.backoff, help="seconds before the first retry")
+    judge.add_argument("--judge-backoff", type=NONNEG_FLOAT, default=jc.backoff, help="seconds before the first retry")
     p.set_defaults(func=cmd_omnicontext)
     return p
 

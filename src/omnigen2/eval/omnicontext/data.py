@@ -10,12 +10,12 @@ files. In ``data.jsonl`` an image is a path relative to the file.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ... import jsonl
 from . import HUB_ID, TASK_TYPES
 
 _SAFE = re.compile(r"[\w\-][\w.\-]{0,100}")  # a key usable as one segment of a batch record id
@@ -82,16 +82,12 @@ def _download(repo_id: str) -> str:
 def _jsonl_rows(path: Path) -> list[tuple[dict, str]]:
     rows = []
     base = path.parent.resolve()
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), 1):
-        if not line.strip():
-            continue
+    for n, raw in jsonl.lines(path.read_bytes()):
         where = f"{path}:{n}"
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON: {e.msg}") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: a row must be a JSON object")
+            row = jsonl.decode_object(raw, "a row")
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
         images = row.get("input_images")
         if isinstance(images, list) and all(isinstance(p, str) for p in images):
             row = {**row, "input_images": [base / p for p in images]}
