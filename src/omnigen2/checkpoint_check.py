@@ -362,8 +362,8 @@ def check_tensors(comp: str, folder: Path, expected: Expected, stored: dict[str,
     missing = [k for k in expected.tensors if k not in found and k not in expected.optional]
     if missing:
         raise CheckpointError(
-            f"{comp}: {len(missing)} tensor(s) the model needs are not in {folder}: {', '.join(missing[:5])}"
-            f"{' ...' if len(missing) > 5 else ''}; they would load as random initialisation"
+            f"{comp}: {len(missing)} tensor(s) the model of {folder / 'config.json'} needs are not in {folder}: "
+            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; they would load as random initialisation"
         )
     for name, (key, t, converted) in found.items():
         if name not in expected.tensors or converted:

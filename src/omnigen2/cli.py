@@ -236,6 +236,21 @@ def _add_chat(sub) -> None:
     p.set_defaults(func=cmd_chat)
 
 
+def _load_quietly(cls, model: str, dtype, device, allow_pickle: bool):
+    """``cls.from_pretrained`` without the libraries' per-component loading bars on stderr: the command reports
+    the load in one line, and an error after loading stays the only line on stderr."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        return cls.from_pretrained(model, torch_dtype=dtype, device=device, allow_pickle=allow_pickle)
+    finally:
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
+
+
 def _device_dtype_and_images(args):
     """What ``generate`` and ``chat`` check before loading a model: device, dtype and the input images (at most
     5, each readable), so that bad arguments fail before the slow part."""
@@ -265,7 +280,7 @@ def cmd_chat(args) -> int:
     device, dtype, images = _device_dtype_and_images(args)
     model = args.model or DEFAULT_MODEL
 
-    chat = OmniGen2ChatPipeline.from_pretrained(model, torch_dtype=dtype, device=device, allow_pickle=args.allow_pickle)
+    chat = _load_quietly(OmniGen2ChatPipeline, model, dtype, device, args.allow_pickle)
     chat.pipe.limits = limits
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = chat(
@@ -815,7 +830,7 @@ def cmd_generate(args) -> int:
     model = args.model or DEFAULT_MODEL
 
     t0 = time.perf_counter()
-    pipe = OmniGen2Pipeline.from_pretrained(model, torch_dtype=dtype, device=device, allow_pickle=args.allow_pickle)
+    pipe = _load_quietly(OmniGen2Pipeline, model, dtype, device, args.allow_pickle)
     pipe.limits = limits
     load_s = time.perf_counter() - t0
     generator = torch.Generator(device=device).manual_seed(args.seed)

@@ -14,7 +14,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from omnigen2.cli import main
@@ -115,6 +115,18 @@ def test_huge_size_refused_before_any_work(tiny_pipe, monkeypatch):
     monkeypatch.setattr(tiny_pipe, "encode_text", lambda *a, **k: pytest.fail("encoded text for a refused call"))
     with pytest.raises(LimitError, match=r"height=100000 x width=1024 .* --limit-output-pixels"):
         tiny_pipe(prompt="a cat", height=100000, width=1024, num_inference_steps=1)
+
+
+def test_aspect_ratio_beyond_the_position_table_refused_before_any_work(tiny_pipe, monkeypatch):
+    """Within the pixel bound but with more patch rows than the transformer's positions (axes_lens[1]): refused
+    naming the size, before the MLLM runs, not in the position embedding."""
+    monkeypatch.setattr(tiny_pipe, "encode_text", lambda *a, **k: pytest.fail("encoded text for a refused call"))
+    rows = tiny_pipe.transformer.config.axes_lens[1]
+    with pytest.raises(ValueError, match=r"height=100000 x width=32, .* beyond the transformer's position table"):
+        tiny_pipe(prompt="a cat", height=100000, width=32, num_inference_steps=1)
+    tall = PIL.Image.new("RGB", (16, 24 * rows))  # its patch rows alone overflow the table once resized
+    with pytest.raises(ValueError, match=r"input image 0 of prompt 0 \(16x\d+, resized to .* position table"):
+        tiny_pipe(prompt="a cat", input_images=[tall], max_pixels=10**6, max_input_image_side_length=None, **SMALL)
 
 
 def test_raised_limit_allows_more_steps(tiny_pipe):
@@ -280,6 +292,7 @@ FLAG_VALUES = {
 
 @settings(max_examples=30)
 @given(flags=st.dictionaries(st.sampled_from(sorted(FLAG_VALUES)), st.integers(0, 8), max_size=3))
+@example(flags={"--height": 5})  # 100000 x 32: within the pixel bound, beyond the position table
 def test_cli_generate_random_flags(official_tiny, tmp_path_factory, capsys, flags):
     out = tmp_path_factory.mktemp("gen") / "out.png"
     argv = ["generate", "a red circle", "--model", str(official_tiny / "checkpoint"), "--device", "cpu"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import PIL.Image
 import pytest
 import torch
-from hypothesis import event, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
@@ -244,12 +244,24 @@ def test_no_usable_records_lists_the_reasons(tmp_path, tokenizer):
 RATIOS = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.integers(-3, 10**400 // 10**390),
-    st.sampled_from([0, 0.0, True, "2", None, [1]]),
+    st.sampled_from([0, 0.0, True, "2", "1e-5", "x", "nan", None, [1]]),
 )
+
+
+def _as_ratio(r) -> float | None:
+    """What a mix ratio means (docs/TRAINING.md): a number, or a numeric string read as one; None: refused."""
+    if isinstance(r, str):
+        try:
+            return float(r)
+        except ValueError:
+            return None
+    return float(r) if isinstance(r, (int, float)) and not isinstance(r, bool) else None
 
 
 @settings(max_examples=40)
 @given(ratios=st.lists(RATIOS, min_size=1, max_size=3))
+@example(ratios=[1e-05])  # written as 1e-05, which YAML 1.1 reads as a string
+@example(ratios=[2.0, 5e-324])  # a share that underflows beside the largest
 def test_random_mix_ratios(tokenizer, ratios):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -259,15 +271,15 @@ def test_random_mix_ratios(tokenizer, ratios):
             (tmp / f"{k}.jsonl").write_text(json.dumps(record(text=f"source {k}", out="a.png")) + "\n")
             entries.append({"path": f"{k}.jsonl", "ratio": r})
         (tmp / "mix.yml").write_text(json.dumps({"data": entries}))  # JSON is YAML; keeps NaN/inf as floats
-        valid = all(
-            isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r >= 0 for r in ratios
-        )
-        if not valid or not any(ratios):
+        numbers = [_as_ratio(r) for r in ratios]
+        valid = all(r is not None and math.isfinite(r) and r >= 0 for r in numbers)
+        if not valid or not any(numbers):
             with pytest.raises(DataError, match=r"mix\.yml: (data entry \d \(\d\.jsonl\) has ratio|every ratio is 0)"):
                 MixtureDataset(DataConfig(path=str(tmp / "mix.yml"), check_images=False), tokenizer)
             return
         ds = MixtureDataset(DataConfig(path=str(tmp / "mix.yml"), check_images=False), tokenizer)
-        expected = [float(r) / max(ratios) for r in ratios if r > 0]
+        # shares relative to the largest ratio; one that underflows to 0 (5e-324 beside 2) is never drawn either way
+        expected = [r / max(numbers) for r in numbers if r / max(numbers) > 0]
         assert ds.weights == pytest.approx([e / sum(expected) for e in expected], rel=1e-9)
 
 

@@ -313,11 +313,13 @@ class OmniGen2Pipeline(DiffusionPipeline):
 
     # -- sizes ----------------------------------------------------------------------------------------------
 
-    def _output_size(self, height, width, refs, align_res: bool, max_pixels: int):
-        """(generation size, final size). One input image per prompt with ``align_res`` sets the size; else the
-        requested size is scaled under ``max_pixels`` and floored to a multiple of the latent patch."""
+    def _output_size(self, height, width, images, align_res: bool, max_pixels: int, max_side_length):
+        """(generation size, final size), before any work. One input image per prompt with ``align_res`` sets the
+        size (the first one's, as its VAE latents will have it); else the requested size is scaled under
+        ``max_pixels`` and floored to a multiple of the latent patch."""
+        refs = [imgs for imgs in images if imgs]
         if align_res and refs and all(len(r) == 1 for r in refs):
-            h, w = (s * self.vae_scale_factor for s in refs[0][0].shape[-2:])
+            h, w = self.image_processor.target_size(refs[0][0].height, refs[0][0].width, max_pixels, max_side_length)
             self.limits.check("output_pixels", h * w, f"the input image's size {w}x{h} = {h * w} pixels")
             return (h, w), (h, w)
         default = self.default_sample_size * self.vae_scale_factor
@@ -328,6 +330,7 @@ class OmniGen2Pipeline(DiffusionPipeline):
         gen = (int(height * ratio) // m * m, int(width * ratio) // m * m)
         if min(gen) < m:
             raise ValueError(f"requested size {width}x{height} is below one latent patch ({m} pixels) per side")
+        self._check_grid(gen, f"the requested size height={height} x width={width}, generated at {gen[1]}x{gen[0]}")
         if gen != (height, width):
             warnings.warn(
                 f"generating at {gen[1]}x{gen[0]} (sides multiples of {m}, at most max_pixels={max_pixels}) and "
@@ -499,11 +502,13 @@ class OmniGen2Pipeline(DiffusionPipeline):
         MLLM ran (as the original does)."""
         table = self.transformer.config.axes_lens[0]
         per_patch = self.vae_scale_factor * self.transformer.config.patch_size
-        sides = [
-            sum(max(self.image_processor.target_size(im.height, im.width, max_pixels, max_side_length)) // per_patch
-                for im in imgs)
-            for imgs in images
-        ]  # fmt: skip
+        sides = []
+        for i, imgs in enumerate(images):
+            sizes = [self.image_processor.target_size(im.height, im.width, max_pixels, max_side_length) for im in imgs]
+            for j, (im, size) in enumerate(zip(imgs, sizes)):
+                self._check_grid(size, f"input image {j} of prompt {i} ({im.width}x{im.height}, resized to "
+                                 f"{size[1]}x{size[0]})")  # fmt: skip
+            sides.append(sum(max(size) // per_patch for size in sizes))
         room = table - 1 - max(sides, default=0)  # the target image needs one position after the text and refs
         room = min(room, *self.transformer.config.axes_lens[1:])  # text positions are (t, t, t) on every axis
         if room < 1:
@@ -513,15 +518,27 @@ class OmniGen2Pipeline(DiffusionPipeline):
             )
         return min(max_sequence_length, room)
 
+    def _check_grid(self, size: tuple[int, int], what: str) -> None:
+        """Refuse an image of ``size`` (h, w) pixels whose rows or columns of patches overflow the transformer's
+        position table (positions (id, row, column), axes_lens[1] and [2]): an aspect ratio the model cannot
+        place, found before any work rather than in the position embedding."""
+        per_patch = self.vae_scale_factor * self.transformer.config.patch_size
+        grid = (size[0] // per_patch, size[1] // per_patch)
+        table = tuple(self.transformer.config.axes_lens[1:])
+        if grid[0] > table[0] or grid[1] > table[1]:
+            raise ValueError(
+                f"{what} is {grid[0]}x{grid[1]} patches (rows x columns), beyond the transformer's position table "
+                f"of {table[0]}x{table[1]} (axes_lens[1:]); choose a less extreme aspect ratio"
+            )
+
     def _encode_references(self, images, n, max_pixels, max_side_length, generator, sample):
         """Stage 3: each prompt's input images (checked: ``_normalize_images``) -> VAE latents (never through the
-        MLLM). Returns them per prompt (a list of (C, h, w), or None) and per sample (each prompt's repeated
-        ``n`` times)."""
+        MLLM), per sample: a list of (C, h, w), or None, each prompt's repeated ``n`` times."""
         ref_gen = generator[0] if isinstance(generator, list) else generator
         per_prompt = [
             self.encode_images(imgs, max_pixels, max_side_length, ref_gen, sample) if imgs else None for imgs in images
         ]
-        return per_prompt, [r for r in per_prompt for _ in range(n)]
+        return [r for r in per_prompt for _ in range(n)]
 
     def _prepare_latents(self, latents, samples: int, size: tuple[int, int], generator, device, dtype):
         """Stage 3: the initial noise (samples, C, H / f, W / f) for the generation size ``size`` (f: the VAE's
@@ -650,25 +667,26 @@ class OmniGen2Pipeline(DiffusionPipeline):
         self._attention_kwargs = attention_kwargs
         device, n = self._execution_device, num_images_per_prompt
 
-        # 2. Text: hidden states of the prompts and, with text guidance, of the negative prompts (B * n rows),
-        # within the positions the input images leave free
+        # 2. Sizes (generation, output), then the text: hidden states of the prompts and, with text guidance, of
+        # the negative prompts (B * n rows), within the positions the input images leave free
         prompts = _prompt_list(prompt) if prompt_embeds is None else None
         if prompts is not None:
             self._check_domain(prompts)
         batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
         images = self._normalize_images(input_images, batch)
+        gen_size, out_size = self._output_size(
+            settings.height, settings.width, images, align_res, max_pixels, max_input_image_side_length
+        )
         max_length = self._text_room(max_sequence_length, images, max_pixels, max_input_image_side_length)
         text = self._encode_prompts(
             prompts, negative_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
             negative_prompt_attention_mask, settings.text_guidance > 1.0, n, max_length, device,
         )  # fmt: skip
 
-        # 3. Reference images -> VAE latents, the generation and output sizes, the initial noise
-        refs_per_prompt, refs = self._encode_references(
+        # 3. Reference images -> VAE latents, the initial noise
+        refs = self._encode_references(
             images, n, max_pixels, max_input_image_side_length, generator, sample_reference_latents
         )
-        with_refs = [r for r in refs_per_prompt if r]
-        gen_size, out_size = self._output_size(settings.height, settings.width, with_refs, align_res, max_pixels)
         latents = self._prepare_latents(latents, len(refs), gen_size, generator, device, text.embeds.dtype)
 
         # 4. Sampler and guidance branches (layouts, masks and RoPE built once)

@@ -285,13 +285,20 @@ def read_jsonl(path: Path, bad: list[BadRecord]) -> list[Record]:
 
 
 def _ratio(p: Path, k: int, entry) -> float:
-    """The ratio of a mix entry: a finite number >= 0 (a bool, string, NaN or inf is refused, not coerced)."""
+    """The ratio of a mix entry: a finite number >= 0. A numeric string is read as its number, as the config's
+    float fields do (YAML 1.1 reads ``1e-5``, without a dot, as a string); a bool, another string, NaN or inf is
+    refused."""
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
         raise DataError(f"{p}: data entry {k} needs a 'path' (a string), got {entry!r:.80}")
     unknown = sorted(set(entry) - {"path", "ratio"})
     if unknown:
         raise DataError(f"{p}: data entry {k} ({entry['path']}): unknown key(s) {unknown}; valid: path, ratio")
     r = entry.get("ratio", 1.0)
+    if isinstance(r, str):
+        try:
+            r = float(r)
+        except ValueError:
+            pass
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r < 0:
         raise DataError(f"{p}: data entry {k} ({entry['path']}) has ratio {r!r}; a ratio must be a finite number >= 0")
     return float(r)
