@@ -13,6 +13,7 @@ misnamed tensor is caught anyway, as the tensor it should have been is then miss
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -209,21 +210,30 @@ def check_config(comp: str, file: Path) -> dict:
 # -- safetensors headers and shard indexes ----------------------------------------------------------------------
 
 
-def read_header(path: Path) -> dict[str, StoredTensor]:
-    """Every tensor's dtype and shape from a safetensors file, through safetensors itself: it refuses a file too
-    short for its header, a bad header length or JSON, an unknown dtype, and data offsets that do not tile the
-    file's data exactly (a truncated or padded file)."""
+@contextlib.contextmanager
+def open_safetensors(path: Path):
+    """``safetensors.safe_open`` (pt); a file safetensors cannot read (too short for its header, a bad header
+    length or JSON, an unknown dtype, data offsets that do not tile the file exactly: truncated or padded) is a
+    CheckpointError naming it."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), "pt") as f:
-            out = {}
-            for name in f.keys():
-                part = f.get_slice(name)
-                out[name] = StoredTensor(Path(path).name, part.get_dtype(), tuple(part.get_shape()))
-            return out
+            yield f
+    except CheckpointError:
+        raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from e
+
+
+def read_header(path: Path) -> dict[str, StoredTensor]:
+    """Every tensor's dtype and shape from a safetensors file, without reading the data."""
+    with open_safetensors(path) as f:
+        out = {}
+        for name in f.keys():
+            part = f.get_slice(name)
+            out[name] = StoredTensor(Path(path).name, part.get_dtype(), tuple(part.get_shape()))
+        return out
 
 
 def read_index(path: Path) -> dict[str, str]:

@@ -172,3 +172,25 @@ def test_config_validation():
         OmniGen2Transformer2DModel.from_preset("tiny", num_attention_heads=5, num_kv_heads=2, hidden_size=80)
     with pytest.raises(ValueError, match="sum\\(axes_dim_rope\\)"):
         OmniGen2Transformer2DModel.from_preset("tiny", axes_dim_rope=(4, 4, 4))
+
+
+def test_position_table_accepts_exactly_the_samples_whose_positions_fit():
+    """PositionTable (what the pipeline and training indexing check) agrees with the positions the layout
+    gives: a sample fits exactly when every Omni-RoPE position is below axes_lens on its axis."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from omnigen2.models.transformer_omnigen2 import PositionTable, _sample_positions
+
+    table = PositionTable((40, 12, 10), 4)
+    side = st.integers(1, 16).map(lambda n: 4 * n)  # pixel sides, whole tokens of 4 pixels
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(text=st.integers(1, 20), refs=st.lists(st.tuples(side, side), max_size=3), target=st.tuples(side, side))
+    def check(text, refs, target):
+        pos = _sample_positions(text, [*refs, target], table.token_px, "cpu")
+        fits = all(int(pos[:, axis].max()) < n for axis, n in enumerate(table.axes_lens))
+        claimed = all(table.image_fits(s) for s in (*refs, target)) and text <= table.text_room(refs)
+        assert claimed == fits, (text, refs, target)
+
+    check()

@@ -23,9 +23,10 @@ from transformers import AutoTokenizer
 
 from omnigen2.errors import CheckpointError, DataError
 from omnigen2.images import MAX_IMAGE_PIXELS
+from omnigen2.models.transformer_omnigen2 import PositionTable
 from omnigen2.training import checkpoint
 from omnigen2.training.config import config_from_dict, load_config
-from omnigen2.training.data import DataConfig, MixtureDataset, RopeLimits, read_jsonl
+from omnigen2.training.data import DataConfig, MixtureDataset, read_jsonl
 
 # Characters str.splitlines splits on that JSON allows (raw) inside strings
 SEPARATORS = "\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e"
@@ -222,7 +223,7 @@ def test_samples_beyond_the_position_table_are_refused(tmp_path, tokenizer):
     cfg = DataConfig(path=str(tmp_path / "d.jsonl"), max_output_pixels=16384, max_input_pixels=4096)
     short = len(tokenizer(MixtureDataset(cfg, tokenizer).chat("a dot")).input_ids)
     # room for the short text and 5 tokens of inputs on axis 0; 64 rows, 60 columns
-    ds = MixtureDataset(cfg, tokenizer, rope=RopeLimits((short + 6, 64, 60), 16))
+    ds = MixtureDataset(cfg, tokenizer, positions=PositionTable((short + 6, 64, 60), 16))
     reasons = {b.where.rsplit(":", 1)[1]: b for b in ds.bad}
     assert len(ds) == 1 and reasons.keys() == {"2", "3", "4"}
     assert "wide.png" in reasons["2"].reason and "axes_lens" in reasons["2"].reason

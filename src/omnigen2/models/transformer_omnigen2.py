@@ -326,6 +326,31 @@ def _sample_positions(cap_len: int, image_sizes: list[tuple[int, int]], p: int, 
     return pos
 
 
+@dataclass(frozen=True)
+class PositionTable:
+    """What the RoPE tables hold, in the terms of ``_sample_positions``: a sample fits when every position is
+    below ``axes_lens`` on its axis. Images are measured in pixels, ``token_px`` to a token side (the VAE's
+    downsampling x the patch size). The pipeline checks a call and indexing checks a training record with it,
+    so what it accepts never reaches ``_check_rope_range``."""
+
+    axes_lens: tuple[int, int, int]
+    token_px: int
+
+    def grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(rows, columns) of tokens of an image of ``size`` = (height, width) pixels."""
+        return size[0] // self.token_px, size[1] // self.token_px
+
+    def image_fits(self, size: tuple[int, int]) -> bool:
+        rows, cols = self.grid(size)
+        return rows <= self.axes_lens[1] and cols <= self.axes_lens[2]
+
+    def text_room(self, ref_sizes: list[tuple[int, int]]) -> int:
+        """The most text tokens a sample with input images of ``ref_sizes`` can take: the target image sits on
+        axis 0 at text + the inputs' longer sides, and text token t at (t, t, t) on every axis."""
+        refs = sum(max(self.grid(size)) for size in ref_sizes)
+        return min(self.axes_lens[0] - 1 - refs, *self.axes_lens[1:])
+
+
 def _check_rope_range(freqs_cis: list[torch.Tensor], pos: torch.Tensor) -> None:
     for axis, table in enumerate(freqs_cis):
         top = int(pos[:, axis].max())  # host values: the layout is built once per generation
@@ -528,6 +553,10 @@ class OmniGen2Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if name not in PRESETS:
             raise ValueError(f"unknown transformer preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+    def position_table(self, vae_scale_factor: int) -> PositionTable:
+        """The positions this model's RoPE tables hold, for images encoded by a VAE of ``vae_scale_factor``."""
+        return PositionTable(tuple(self.config.axes_lens), vae_scale_factor * self.config.patch_size)
 
     def initialize_weights(self) -> None:
         """The original's initialisation (matters for training from scratch, not for loading)."""

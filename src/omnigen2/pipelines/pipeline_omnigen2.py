@@ -497,38 +497,34 @@ class OmniGen2Pipeline(DiffusionPipeline):
 
     def _text_room(self, max_sequence_length: int, images, max_pixels, max_side_length) -> int:
         """Stage 2: the prompt tokens to keep: ``max_sequence_length``, fewer where the transformer's position
-        table would overflow. Text token t takes position (t, t, t) and each input image then advances axis 0 by
-        its longer side in patches, so a long prompt would otherwise crash the position embedding after the
-        MLLM ran (as the original does)."""
-        table = self.transformer.config.axes_lens[0]
-        per_patch = self.vae_scale_factor * self.transformer.config.patch_size
-        sides = []
+        table would overflow (``PositionTable.text_room``): a long prompt would otherwise crash the position
+        embedding after the MLLM ran (as the original does)."""
+        table = self.transformer.position_table(self.vae_scale_factor)
+        room = []
         for i, imgs in enumerate(images):
             sizes = [self.image_processor.target_size(im.height, im.width, max_pixels, max_side_length) for im in imgs]
             for j, (im, size) in enumerate(zip(imgs, sizes)):
                 self._check_grid(size, f"input image {j} of prompt {i} ({im.width}x{im.height}, resized to "
                                  f"{size[1]}x{size[0]})")  # fmt: skip
-            sides.append(sum(max(size) // per_patch for size in sizes))
-        room = table - 1 - max(sides, default=0)  # the target image needs one position after the text and refs
-        room = min(room, *self.transformer.config.axes_lens[1:])  # text positions are (t, t, t) on every axis
-        if room < 1:
+            room.append(table.text_room(sizes))
+        if min(room) < 1:
             raise ValueError(
-                f"the input images take {max(sides)} of the transformer's {table} positions (axes_lens[0]), "
-                "leaving none for the prompt; use smaller images (max_pixels, max_input_image_side_length)"
+                f"the input images of prompt {room.index(min(room))} take all of the transformer's "
+                f"{table.axes_lens[0]} positions (axes_lens[0]), leaving none for the prompt; use smaller images "
+                "(max_pixels, max_input_image_side_length)"
             )
-        return min(max_sequence_length, room)
+        return min(max_sequence_length, *room)
 
     def _check_grid(self, size: tuple[int, int], what: str) -> None:
         """Refuse an image of ``size`` (h, w) pixels whose rows or columns of patches overflow the transformer's
-        position table (positions (id, row, column), axes_lens[1] and [2]): an aspect ratio the model cannot
-        place, found before any work rather than in the position embedding."""
-        per_patch = self.vae_scale_factor * self.transformer.config.patch_size
-        grid = (size[0] // per_patch, size[1] // per_patch)
-        table = tuple(self.transformer.config.axes_lens[1:])
-        if grid[0] > table[0] or grid[1] > table[1]:
+        position table (axes_lens[1] and [2]): an aspect ratio the model cannot place, found before any work
+        rather than in the position embedding."""
+        table = self.transformer.position_table(self.vae_scale_factor)
+        if not table.image_fits(size):
+            rows, cols = table.grid(size)
             raise ValueError(
-                f"{what} is {grid[0]}x{grid[1]} patches (rows x columns), beyond the transformer's position table "
-                f"of {table[0]}x{table[1]} (axes_lens[1:]); choose a less extreme aspect ratio"
+                f"{what} is {rows}x{cols} patches (rows x columns), beyond the transformer's position table of "
+                f"{table.axes_lens[1]}x{table.axes_lens[2]} (axes_lens[1:]); choose a less extreme aspect ratio"
             )
 
     def _encode_references(self, images, n, max_pixels, max_side_length, generator, sample):

@@ -23,7 +23,7 @@ ratios have no effect). Records are validated when the data is indexed; bad ones
 ``file:line`` and the reason, counted, and left out — never silently replaced by another sample. Indexing
 checks what a draw would fail on: fields, image files (header and Pillow's verify; a full decode with
 ``data.decode_images``), the pixel bound of :func:`omnigen2.images.load_image`, the resize rules, and, given
-the transformer's :class:`RopeLimits`, its position table. What it cannot see (pixel data corrupt behind a
+the transformer's ``PositionTable``, whether a sample fits it. What it cannot see (pixel data corrupt behind a
 sound header without ``decode_images``) stops the run when drawn, naming the file and ``file:line``.
 
 Sampling is a pure function of (seed, step, position): the same run, resumed or split over processes, sees
@@ -52,7 +52,7 @@ import yaml
 from .. import jsonl
 from ..errors import DataError, ImageError
 from ..images import MAX_IMAGE_PIXELS, load_image
-from ..models.transformer_omnigen2 import MAX_REF_IMAGES
+from ..models.transformer_omnigen2 import MAX_REF_IMAGES, PositionTable
 from ..pipelines.image_processor import OmniGen2ImageProcessor
 from ..pipelines.pipeline_omnigen2 import SYSTEM_PROMPT
 
@@ -176,16 +176,6 @@ def probe_image(path: str, decode: bool) -> tuple[int, int] | BadRecord:
         except ImageError as e:
             return _bad("", "image unreadable", str(e))
     return w, h
-
-
-@dataclass(frozen=True)
-class RopeLimits:
-    """What the transformer's position table holds (its ``_check_rope_range``): per axis, positions below
-    ``axes_lens``. Text token t sits at (t, t, t); image k of a sample at (shift_k, row, col) in tokens of
-    ``token_px`` pixels (VAE scale x patch size), shift_k advancing by each earlier image's larger side."""
-
-    axes_lens: tuple[int, int, int]
-    token_px: int
 
 
 @dataclass
@@ -379,10 +369,10 @@ class DataConfig:
 class MixtureDataset:
     """Deterministic weighted sampling over the records of a mix, with the original's preprocessing."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, seed: int = 0, rope: RopeLimits | None = None):
+    def __init__(self, cfg: DataConfig, tokenizer, seed: int = 0, positions: PositionTable | None = None):
         if not cfg.path:
             raise DataError("data.path is empty: give a jsonl file, a folder or a yml mix")
-        self.cfg, self.tokenizer, self.seed, self.rope = cfg, tokenizer, seed, rope
+        self.cfg, self.tokenizer, self.seed, self.positions = cfg, tokenizer, seed, positions
         self.processor = OmniGen2ImageProcessor(vae_scale_factor=cfg.size_multiple)
         self.bad: list[BadRecord] = []
         root = load_source(cfg.path, 1.0, self.bad)
@@ -436,31 +426,32 @@ class MixtureDataset:
                 sizes.append(self.processor.target_size(wh[1], wh[0], max_pixels, self.cfg.max_side_length))
             except ValueError as e:
                 return _bad("", "image size", f"image {path!r}: {e}")
-        return self._rope_problem(rec, sizes) if self.rope is not None else None
+        return self._rope_problem(rec, sizes) if self.positions is not None else None
 
     def _rope_problem(self, rec: Record, sizes: list[tuple[int, int]]) -> BadRecord | None:
-        lens, px = self.rope.axes_lens, self.rope.token_px
-        grids = [(h // px, w // px) for h, w in sizes]  # (rows, cols) in tokens
-        for path, (rows, cols) in zip([*rec.input_images, rec.output_image], grids):
-            if rows > lens[1] or cols > lens[2]:
+        table = self.positions
+        for path, size in zip([*rec.input_images, rec.output_image], sizes):
+            if not table.image_fits(size):
+                rows, cols = table.grid(size)
                 return _bad(
                     "",
                     "too large for the model",
                     f"image {path!r} resizes to {cols}x{rows} tokens; the transformer's position table holds "
-                    f"{lens[2]}x{lens[1]} (axes_lens): lower data.max_side_length",
+                    f"{table.axes_lens[2]}x{table.axes_lens[1]} (axes_lens): lower data.max_side_length",
                 )
-        refs = sum(max(g) for g in grids[:-1])  # the target's shift on axis 0 is text + refs
+        room = table.text_room(sizes[:-1])
         # The longest text a sample of this record can have (dropout only shortens it); tokenized only when the
         # token budget alone could overflow the table
         text = self.cfg.max_token_len
-        if text + refs >= lens[0] or text > min(lens[1:]):
+        if text > room:
             text = self._text_len(rec)
-        if text + refs >= lens[0] or text > min(lens[1:]):
+        if text > room:
             return _bad(
                 "",
                 "too long for the model",
-                f"{text} text tokens and input images {refs} tokens across reach RoPE position {text + refs}; the "
-                f"transformer's axes_lens are {list(lens)}: shorten the instruction or use fewer or smaller inputs",
+                f"{text} text tokens, and the input images leave room for {max(room, 0)} in the transformer's "
+                f"position table (axes_lens {list(table.axes_lens)}): shorten the instruction or use fewer or "
+                "smaller inputs",
             )
         return None
 

@@ -18,9 +18,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..checkpoint_check import open_safetensors
 from ..errors import CheckpointError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -64,11 +64,8 @@ def save_lora(directory: str | os.PathLike, state_dict: dict, kwargs: dict) -> P
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) of a safetensors file; a file safetensors cannot read (not safetensors, truncated, a
     bad header) is a CheckpointError naming it."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from e
+    with open_safetensors(path) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
 
 
 def _module_of(key: str) -> tuple[str, str] | None:

@@ -28,7 +28,7 @@ from ..pipelines import OmniGen2Pipeline
 from . import precondition
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, truncate_metrics
 from .config import TrainConfig
-from .data import ImageSpec, MixtureDataset, RopeLimits
+from .data import ImageSpec, MixtureDataset
 from .latent_cache import LatentCache
 from .lora import config_kwargs, lora_state_dict, peft_config
 from .objective import flow_loss, noisy_inputs
@@ -132,10 +132,8 @@ class Trainer:
             )
         self.transformer.train()
         # Indexing refuses the records whose samples would overflow this transformer's position table
-        rope = RopeLimits(
-            tuple(self.transformer.config.axes_lens), pipe.vae_scale_factor * self.transformer.config.patch_size
-        )
-        self.data = MixtureDataset(cfg.data, pipe.tokenizer, seed=t.seed, rope=rope)
+        positions = self.transformer.position_table(pipe.vae_scale_factor)
+        self.data = MixtureDataset(cfg.data, pipe.tokenizer, seed=t.seed, positions=positions)
         self.out = Path(cfg.output.dir)
         self.preconditioner = self._precondition() if t.precondition_text else None
 
